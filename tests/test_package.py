@@ -26,7 +26,7 @@ def test_registry_has_torch_baselines_and_creates_them():
 
 
 def test_registry_unknown_name_lists_valid_names():
-    with pytest.raises(UsageError, match="unknown optimizer 'nope'.*adam"):
+    with pytest.raises(UsageError, match=r"unknown optimizer 'nope'.*adam"):
         optim.create("nope", [torch.zeros(1, requires_grad=True)])
 
 

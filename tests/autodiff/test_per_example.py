@@ -48,7 +48,7 @@ def test_loop_method_equals_vmap_and_subset_of_params():
 def test_train_mode_batchnorm_is_refused_with_advice():
     model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
     x, y = torch.randn(6, 4), torch.randint(0, 2, (6,))
-    with pytest.raises(RuntimeError, match="BatchNorm in train mode.*eval"):
+    with pytest.raises(RuntimeError, match=r"BatchNorm in train mode.*eval"):
         per_example_grads(model, nn.functional.cross_entropy, x, y)
     model.eval()
     grads = per_example_grads(model, nn.functional.cross_entropy, x, y)
