@@ -1,0 +1,172 @@
+"""Optimizer specs for the benchmark: the declared default set and user optimizers.
+
+An :class:`OptimizerSpec` is everything the protocol needs to know about a contender: where
+the class comes from (a :mod:`gradkit.optim` registry name or ``package.module:Class``), its
+declared search space, the constant keyword arguments, and an optional *param-group builder*
+(``"module:function"``, called as ``builder(model) -> list[dict]``) for optimizers that treat
+parameters differently (Muon: hidden matrices vs auxiliary AdamW).
+
+Search-space rule (the same for everyone): the learning rate is searched log-uniformly over
+three decades. The declared table below fixes the range per optimizer family; any other
+optimizer (a registry name outside the table, or a user class) gets the three decades centred
+on its constructor's default ``lr`` (``1e-3`` if it has none). The *defaults* trial uses the
+constructor's default ``lr`` (or the range's geometric centre if the constructor has none) and
+the declared constant keywords.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from gradkit.bench._imports import is_import_spec, load_attr
+from gradkit.bench.search import LogUniform, sample
+from gradkit.errors import UsageError
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    """One row of the declared default optimizer set."""
+
+    name: str
+    lr: tuple[float, float]
+    fixed: dict[str, Any] = field(default_factory=dict)
+    param_groups: str | None = None
+    tied: dict[str, float] = field(default_factory=dict)
+
+
+#: The default contenders (``gradkit bench`` with no ``--optimizer``). Names not registered
+#: in :mod:`gradkit.optim` at run time are skipped with a note.
+DEFAULT_TABLE: tuple[TableEntry, ...] = (
+    TableEntry("sgd", (1e-3, 1.0), {"momentum": 0.9}),
+    TableEntry("adam", (1e-4, 1e-1)),
+    TableEntry("adamw", (1e-4, 1e-1)),
+    TableEntry("diffgrad", (1e-4, 1e-1)),
+    TableEntry("adamp", (1e-4, 1e-1)),
+    TableEntry("sgdp", (1e-3, 1.0), {"momentum": 0.9}),
+    # Muon's auxiliary AdamW lr follows the searched Muon lr at the ratio of their defaults
+    # (3e-4 / 0.02), so tuning also tunes the AdamW part (all of it on 1-D workloads).
+    TableEntry("muon", (2e-3, 2.0), param_groups="gradkit.optim:muon_param_groups",
+               tied={"adamw_lr": 0.015}),
+)
+_TABLE = {entry.name: entry for entry in DEFAULT_TABLE}
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A resolved contender: class, search space, constants and param-group builder."""
+
+    name: str
+    factory: Callable[..., torch.optim.Optimizer]
+    search: dict[str, LogUniform]
+    defaults: dict[str, float]
+    fixed: dict[str, Any]
+    param_groups: str | None = None
+    tied: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def is_torch_baseline(self) -> bool:
+        """True for classes from ``torch.optim`` (the speedup baselines)."""
+        return getattr(self.factory, "__module__", "").startswith("torch.optim")
+
+    def configs(self, n_trials: int, seed: int) -> list[dict[str, Any]]:
+        """The defaults trial followed by ``n_trials`` quasi-random configurations."""
+        points = [self.defaults, *sample(self.search, n_trials, seed)]
+        tie = {k: (lambda p, r=r: float(f"{r * p['lr']:.4g}")) for k, r in self.tied.items()}
+        return [{**self.fixed, **p, **{k: f(p) for k, f in tie.items()}} for p in points]
+
+    def describe_space(self) -> str:
+        parts = [f"{k} ~ {v.describe()}" for k, v in sorted(self.search.items())]
+        parts += [f"{k}={v!r}" for k, v in sorted(self.fixed.items())]
+        parts += [f"{k}={r:g}·lr" for k, r in sorted(self.tied.items())]
+        parts += [f"defaults trial: {self.defaults}"]
+        if self.param_groups:
+            parts.append(f"param groups: {self.param_groups}")
+        return "; ".join(parts)
+
+    def build(self, model: nn.Module, hparams: dict[str, Any]) -> torch.optim.Optimizer:
+        params: Iterable[Any] = model.parameters()
+        if self.param_groups:
+            params = load_attr(self.param_groups, "param-group builder")(model)
+        return self.factory(params, **hparams)
+
+
+def _default_lr(factory: Callable[..., Any]) -> float | None:
+    try:
+        parameter = inspect.signature(factory).parameters.get("lr")
+    except (TypeError, ValueError):
+        return None
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    try:
+        value = float(parameter.default)
+    except (TypeError, ValueError):
+        return None
+    return value if value > 0 and math.isfinite(value) else None
+
+
+def _spec(name: str, factory: Callable[..., Any], entry: TableEntry | None) -> OptimizerSpec:
+    lr0 = _default_lr(factory)
+    if entry is not None:
+        space = LogUniform(*entry.lr)
+        fixed, groups, tied = dict(entry.fixed), entry.param_groups, dict(entry.tied)
+    else:
+        centre = lr0 or 1e-3
+        space = LogUniform(float(f"{centre / 10**1.5:.4g}"), float(f"{centre * 10**1.5:.4g}"))
+        fixed, groups, tied = {}, None, {}
+    if lr0 is None:
+        lr0 = float(f"{math.sqrt(space.low * space.high):.4g}")
+    return OptimizerSpec(name, factory, {"lr": space}, {"lr": lr0}, fixed, groups, tied)
+
+
+def registry_names() -> list[str]:
+    """Names currently registered in :mod:`gradkit.optim`."""
+    from gradkit import optim
+
+    return optim.available()
+
+
+def resolve_optimizer(source: str) -> OptimizerSpec:
+    """A spec from a registry name or ``package.module:Class`` (one-line UsageError if bad)."""
+    if is_import_spec(source):
+        cls = load_attr(source, "optimizer")
+        if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+            raise UsageError(
+                f"optimizer {source!r} is not a torch.optim.Optimizer subclass (got {cls!r})"
+            )
+        return _spec(source, cls, None)
+    from gradkit import optim
+
+    key = source.lower()
+    if key not in optim.available():
+        raise UsageError(
+            f"unknown optimizer {source!r}; valid: {', '.join(optim.available())} "
+            "or package.module:Class"
+        )
+    return _spec(key, optim.get(key), _TABLE.get(key))
+
+
+def default_optimizers() -> tuple[list[OptimizerSpec], list[str]]:
+    """The declared default set that is registered now, and a note per skipped name."""
+    available = set(registry_names())
+    specs, notes = [], []
+    for entry in DEFAULT_TABLE:
+        if entry.name not in available:
+            notes.append(f"optimizer {entry.name!r} is in the default set but not registered in "
+                         "gradkit.optim yet: skipped")
+            continue
+        if entry.param_groups:
+            try:
+                load_attr(entry.param_groups, "param-group builder")
+            except UsageError:
+                notes.append(f"optimizer {entry.name!r}: its param-group builder "
+                             f"{entry.param_groups} is not available yet: skipped")
+                continue
+        specs.append(resolve_optimizer(entry.name))
+    return specs, notes

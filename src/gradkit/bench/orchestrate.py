@@ -1,0 +1,140 @@
+"""Drive a suite: schedule tuning trials, select per study, schedule seed reruns, store all.
+
+Resuming is the normal path: the keys already in the database are skipped (their outcomes are
+read back for selection), so rerunning a killed command completes exactly the missing trials.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradkit.bench.protocol import Study, select
+from gradkit.bench.runner import TrialTask
+from gradkit.bench.store import Store
+from gradkit.bench.suites import Suite
+from gradkit.errors import GradkitError
+
+
+class WorkerError(GradkitError):
+    """A worker process died (not a trial failure: those are recorded as ``failed``)."""
+
+
+@dataclass
+class RunStats:
+    skipped: int = 0
+    ran: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+
+class _Progress:
+    """A rich progress bar on stderr, or nothing when quiet / not a terminal."""
+
+    def __init__(self, enabled: bool, total: int, quiet: bool):
+        self.bar, self.quiet = None, quiet
+        if enabled:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.bar = Progress(TextColumn("[bold]trials"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(),
+                                TextColumn("{task.description}"),
+                                console=Console(stderr=True), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("", total=total)
+
+    def advance(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, description=text)
+
+    def grow(self, extra: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=self.bar.tasks[0].total + extra)
+
+    def log(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.console.print(text, markup=False, highlight=False)
+        elif not self.quiet:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run_studies(store: Store, suite: Suite, studies: list[Study], executor: Any, *,
+                quiet: bool = False) -> RunStats:
+    """Run every missing trial of ``studies`` on ``executor``, recording each in ``store``."""
+    known: dict[str, dict[str, Any]] = {r["key"]: r for r in store.trials(suite.name,
+                                                                         suite.version)}
+    stats = RunStats()
+    queue: deque[tuple[int, TrialTask]] = deque()
+    waiting: dict[int, set[str]] = {}
+    for i, study in enumerate(studies):
+        waiting[i] = {t.key for t in study.tune if t.key not in known}
+        queue.extend((i, t) for t in study.tune if t.key not in known)
+        stats.skipped += len(study.tune) - len(waiting[i])
+
+    def seed_tasks(i: int) -> list[tuple[int, TrialTask]]:
+        study = studies[i]
+        rows = [known[t.key] | {"trial_index": t.index} for t in study.tune]
+        best = select(rows, study.entry.workload.higher_is_better)
+        chosen = next(t for t in study.tune if t.key == best["key"])
+        tasks = study.seed_tasks(chosen)
+        stats.skipped += sum(t.key in known for t in tasks)
+        return [(i, t) for t in tasks if t.key not in known]
+
+    extra_pending = 0
+    for i in range(len(studies)):
+        if waiting[i]:
+            extra_pending += len(suite.seeds) - 1
+        else:
+            queue.extend(seed_tasks(i))
+    progress = _Progress(not quiet and sys.stderr.isatty(), len(queue) + extra_pending, quiet)
+    in_flight: dict[Future, tuple[int, TrialTask]] = {}
+    try:
+        while queue or in_flight:
+            while queue and len(in_flight) < executor.capacity:
+                i, task = queue.popleft()
+                in_flight[executor.submit(task)] = (i, task)
+            done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=lambda f: in_flight[f][1].key):
+                i, task = in_flight.pop(future)
+                try:
+                    outcome = future.result()
+                except Exception as exc:
+                    raise WorkerError(
+                        f"a worker died while running a trial ({type(exc).__name__}: {exc}); "
+                        "finished trials are saved, rerun the same command to resume") from exc
+                _record(store, suite, studies[i], task, outcome, known, stats, progress)
+                if task.phase == "tune":
+                    waiting[i].discard(task.key)
+                    if not waiting[i]:
+                        new = seed_tasks(i)
+                        progress.grow(len(new) - (len(suite.seeds) - 1))
+                        queue.extend(new)
+    finally:
+        progress.close()
+    return stats
+
+
+def _record(store: Store, suite: Suite, study: Study, task: TrialTask, outcome: dict[str, Any],
+            known: dict[str, dict[str, Any]], stats: RunStats, progress: _Progress) -> None:
+    store.record(task.as_dict(), suite.version, study.entry.name, study.optimizer.name, outcome)
+    known[task.key] = outcome | {"key": task.key, "trial_index": task.index}
+    stats.ran += 1
+    stats.statuses[outcome["status"]] = stats.statuses.get(outcome["status"], 0) + 1
+    label = f"{study.entry.name} / {study.optimizer.name} / seed {task.seed}"
+    progress.advance(label)
+    if outcome["status"] == "failed":
+        progress.log(f"trial failed: {label}: {outcome['error']}")

@@ -1,0 +1,86 @@
+"""The tuning protocol: which trials a study consists of and which configuration wins.
+
+A *study* is one (workload, optimizer) pair of a suite. Its *tuning* trials are the defaults
+configuration (index 0) and ``n_trials`` quasi-random configurations (indices 1..n), all at
+``seeds[0]``. The selected configuration is rerun at the remaining seeds (*seed* trials).
+Selection is on validation only: finished before diverged/failed, then fewest steps to the
+validation target (a miss is infinite), then best final validation metric, then lowest index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from gradkit.bench.optimizers import OptimizerSpec
+from gradkit.bench.runner import TrialTask, canonical_json, trial_key
+from gradkit.bench.suites import Suite
+from gradkit.bench.workloads import Workload, describe
+
+
+@dataclass
+class WorkloadEntry:
+    """A resolved workload with the spec string and size overrides that rebuild it."""
+
+    spec: str
+    overrides: dict[str, Any]
+    workload: Workload
+
+    @property
+    def name(self) -> str:
+        return self.workload.name
+
+    def identity(self) -> dict[str, Any]:
+        return {"spec": self.spec, "overrides": self.overrides, **describe(self.workload)}
+
+
+@dataclass
+class Study:
+    suite: Suite
+    entry: WorkloadEntry
+    optimizer: OptimizerSpec
+    tune: list[TrialTask] = field(default_factory=list)
+
+    def task(self, hparams: dict[str, Any], seed: int, phase: str, index: int) -> TrialTask:
+        key = trial_key(self.suite.name, self.suite.version, self.entry.identity(),
+                        self.optimizer.name, hparams, seed)
+        return TrialTask(key, self.suite.name, self.entry.spec,
+                         canonical_json(self.entry.overrides), self.optimizer.name,
+                         canonical_json(hparams), seed, phase, index)
+
+    def seed_tasks(self, selected: TrialTask) -> list[TrialTask]:
+        hparams = json.loads(selected.hparams)
+        return [self.task(hparams, s, "seed", selected.index) for s in self.suite.seeds
+                if s != selected.seed]
+
+
+def build_studies(suite: Suite, entries: list[WorkloadEntry],
+                  optimizers: list[OptimizerSpec]) -> list[Study]:
+    studies = []
+    for entry in entries:
+        for spec in optimizers:
+            study = Study(suite, entry, spec)
+            seen: set[str] = set()
+            for index, hparams in enumerate(spec.configs(suite.n_trials, suite.search_seed)):
+                task = study.task(hparams, suite.seeds[0], "tune", index)
+                if task.key not in seen:  # identical configurations are one trial
+                    seen.add(task.key)
+                    study.tune.append(task)
+            studies.append(study)
+    return studies
+
+
+def selection_key(row: dict[str, Any], higher_is_better: bool) -> tuple:
+    """Sort key of a tuning trial (smaller is better); ``row`` has outcome fields + index."""
+    steps = row.get("steps_to_target")
+    val = row.get("final_val_metric")
+    val_rank = math.inf if val is None else (-val if higher_is_better else val)
+    return (row["status"] != "ok", math.inf if steps is None else steps, val_rank,
+            row["trial_index"])
+
+
+def select(rows: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any]:
+    """The winning tuning trial among ``rows`` (non-empty)."""
+    return min(rows, key=lambda r: selection_key(r, higher_is_better))

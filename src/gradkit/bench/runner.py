@@ -1,0 +1,189 @@
+"""Run one trial: train a workload with one optimizer configuration and one seed.
+
+The training loop is the same for every optimizer: ``optimizer.step(closure)`` where the
+closure zeroes the gradients, computes the minibatch loss of the current step and
+back-propagates (closure-based optimizers such as SAM work unchanged). Only the steps are
+timed; evaluation (validation every ``eval_every`` steps and at the end, test at the end)
+is untimed and runs under ``torch.no_grad()``.
+
+Outcomes: ``ok`` (the budget was used up; the target may or may not have been reached),
+``diverged`` (a non-finite or exploding training loss or a non-finite evaluation: NaN guard),
+``failed`` (the optimizer or workload raised; the message is kept). Missing the target and
+diverging both give infinite time to target; nothing here raises for those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from gradkit.bench.optimizers import OptimizerSpec, resolve_optimizer
+from gradkit.bench.workloads import Workload, reached, resolve_workload
+
+#: A training loss above ``EXPLODE_FACTOR * (|initial loss| + 1)`` counts as divergence.
+EXPLODE_FACTOR = 1e6
+
+
+@dataclass(frozen=True)
+class TrialTask:
+    """A picklable description of one trial (resolved again inside the worker)."""
+
+    key: str
+    suite: str
+    workload: str
+    workload_overrides: str
+    optimizer: str
+    hparams: str
+    seed: int
+    phase: str
+    index: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def trial_key(suite: str, version: str, workload: dict[str, Any], optimizer: str,
+              hparams: dict[str, Any], seed: int) -> str:
+    """Stable key: hash of suite and version, workload (spec and declared fields), optimizer,
+    hyperparameters and seed."""
+    payload = canonical_json([suite, version, workload, optimizer, hparams, seed])
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+_WARM = False
+
+
+def warm_up() -> None:
+    """Pay torch's one-time lazy imports (``torch._dynamo`` on the first optimizer step, about
+    a second) before any trial is timed, once per process."""
+    global _WARM
+    if not _WARM:
+        p = torch.nn.Parameter(torch.zeros(2))
+        p.grad = torch.ones(2)
+        torch.optim.SGD([p], lr=0.1).step()
+        _WARM = True
+
+
+def run_task(task: TrialTask) -> dict[str, Any]:
+    """Worker entry point: resolve the task's workload and optimizer, then run the trial."""
+    torch.set_num_threads(1)
+    warm_up()
+    try:
+        workload = resolve_workload(task.workload, json.loads(task.workload_overrides))
+        spec = resolve_optimizer(task.optimizer)
+    except Exception as exc:  # e.g. a user module that imports in the parent but not here
+        return _outcome("failed", error=f"{type(exc).__name__}: {exc}")
+    return run_trial(workload, spec, json.loads(task.hparams), task.seed)
+
+
+def _outcome(status: str, **fields: Any) -> dict[str, Any]:
+    base = {"status": status, "steps_to_target": None, "seconds_to_target": None,
+            "final_train_loss": None, "final_val_loss": None, "final_val_metric": None,
+            "final_test_loss": None, "final_test_metric": None, "train_seconds": 0.0,
+            "steps_done": 0, "error": None, "curve": []}
+    base.update(fields)
+    return base
+
+
+def _evaluate(problem: Any, split: str) -> tuple[float, float]:
+    problem.model.eval()
+    try:
+        with torch.no_grad():
+            loss, metric = problem.evaluate(split)
+    finally:
+        problem.model.train()
+    return float(loss), float(metric)
+
+
+def run_trial(workload: Workload, spec: OptimizerSpec, hparams: dict[str, Any],
+              seed: int) -> dict[str, Any]:
+    """Train ``workload`` with ``spec`` at ``hparams`` and ``seed``; return the outcome dict.
+
+    The dict has ``status``, ``steps_to_target`` / ``seconds_to_target`` (``None`` = not
+    reached), final train/val/test numbers, ``train_seconds``, ``steps_done``, ``error`` and
+    ``curve``: rows ``(step, seconds, train_loss, val_loss, val_metric)`` at every evaluation.
+    """
+    curve: list[tuple[int, float, float | None, float, float]] = []
+    seconds, step, window = 0.0, 0, []
+    hit: tuple[int, float] | None = None
+    try:
+        torch.manual_seed(seed)
+        problem = workload.setup(seed)
+        optimizer = spec.build(problem.model, hparams)
+        limit = math.inf
+
+        def check(train_loss: float | None) -> bool:
+            nonlocal hit
+            val_loss, val_metric = _evaluate(problem, "val")
+            curve.append((step, seconds, train_loss, val_loss, val_metric))
+            if not (math.isfinite(val_loss) and math.isfinite(val_metric)):
+                return False
+            if hit is None and reached(val_metric, workload.target, workload.higher_is_better):
+                hit = (step, seconds)
+            return True
+
+        check(None)
+        for step in range(1, workload.steps + 1):  # ``check`` reads ``step``
+            holder: list[torch.Tensor] = []
+
+            def closure(step: int = step, holder: list = holder) -> torch.Tensor:
+                optimizer.zero_grad(set_to_none=True)
+                loss = problem.train_loss(step - 1)
+                loss.backward()
+                holder.append(loss)
+                return loss
+
+            start = time.perf_counter()
+            optimizer.step(closure)
+            loss_value = float(holder[0].detach()) if holder else math.nan
+            seconds += time.perf_counter() - start
+            if step == 1:
+                limit = EXPLODE_FACTOR * (abs(loss_value) + 1.0)
+            window.append(loss_value)
+            if not math.isfinite(loss_value) or loss_value > limit:
+                return _diverged(curve, step, seconds, hit, f"training loss {loss_value:g}")
+            if step % workload.eval_every == 0 or step == workload.steps:
+                if not check(sum(window) / len(window)):
+                    return _diverged(curve, step, seconds, hit, "non-finite evaluation")
+                window = []
+        test_loss, test_metric = _evaluate(problem, "test")
+    except Exception as exc:
+        return _outcome("failed", error=f"{type(exc).__name__}: {exc}"[:500], curve=curve,
+                        steps_done=max(step - 1, 0), train_seconds=seconds)
+    last = curve[-1]
+    return _outcome(
+        "ok",
+        steps_to_target=hit[0] if hit else None,
+        seconds_to_target=hit[1] if hit else None,
+        final_train_loss=last[2], final_val_loss=last[3], final_val_metric=last[4],
+        final_test_loss=_finite(test_loss), final_test_metric=_finite(test_metric),
+        train_seconds=seconds, steps_done=workload.steps, curve=curve,
+    )
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _diverged(curve: list, step: int, seconds: float, hit: Any, why: str) -> dict[str, Any]:
+    # A divergence after reaching the target still counts as reaching it at that time
+    # (AlgoPerf stops at the target); the final metrics are undefined.
+    return _outcome(
+        "diverged", error=f"diverged at step {step}: {why}",
+        steps_to_target=hit[0] if hit else None, seconds_to_target=hit[1] if hit else None,
+        steps_done=step, train_seconds=seconds, curve=_finite_curve(curve),
+    )
+
+
+def _finite_curve(curve: list) -> list:
+    return [row for row in curve if all(v is None or math.isfinite(v) for v in row[2:])]

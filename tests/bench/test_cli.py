@@ -1,0 +1,181 @@
+"""``gradkit bench`` / ``gradkit report`` end to end on the tiny suite, and every error path."""
+
+import csv
+import importlib.util
+import sqlite3
+from html import unescape
+from pathlib import Path
+
+import pytest
+
+from gradkit.bench import optimizers
+from tests.bench._helpers import REPORT_CSVS, report_content, run_cli
+
+TINY = ("bench", "--suite", "tiny", "--optimizer", "sgd", "--optimizer", "adam", "--jobs", "1",
+        "--quiet")
+
+
+def _trial_count(db):
+    with sqlite3.connect(db) as conn:
+        return conn.execute("SELECT COUNT(*), COUNT(DISTINCT key) FROM trials").fetchone()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One serial run of the tiny suite with the default optimizer set while only sgd and
+    adam are registered (the others must be skipped with a note), shared by several tests."""
+    out = tmp_path_factory.mktemp("tiny") / "bench"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(optimizers, "registry_names", lambda: ["adam", "rmsprop", "sgd"])
+        code, stdout, stderr = run_cli("bench", "--suite", "tiny", "--jobs", "1", "--out",
+                                       str(out))
+    assert code == 0, stderr
+    return out, stdout, stderr
+
+
+def test_unregistered_default_optimizers_are_skipped_with_a_note(tiny_run):
+    out, stdout, stderr = tiny_run
+    html = unescape((out / "report" / "index.html").read_text())
+    for name in ("diffgrad", "muon"):
+        note = f"optimizer '{name}' is in the default set but not registered"
+        assert note in stdout and note in stderr and html.count(note) == 1
+
+
+def test_tiny_suite_end_to_end_then_rerun_skips_everything(tiny_run, tmp_path):
+    out, stdout, _ = tiny_run
+    # 2 workloads x 2 optimizers x (defaults + 2 quasi-random + 1 extra seed)
+    assert _trial_count(out / "results.sqlite") == (16, 16)
+    report = out / "report"
+    for name in ("index.html", "profile.png", "curves_quadratic.png", "lr_logreg.png",
+                 *REPORT_CSVS):
+        assert (report / name).stat().st_size > 0, name
+    assert "Leaderboard" in stdout and "wall time:" in stdout and str(report) in stdout
+    with open(report / "final_metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["workload"], r["optimizer"]) for r in rows} == {
+        (w, o) for w in ("quadratic", "logreg") for o in ("sgd", "adam")}
+    assert all(r["seeds"] == "2" and r["complete"] == "True" for r in rows)
+    html = (report / "index.html").read_text()
+    assert "performance profile" in html and "lr_quadratic.png" in html
+    first = report_content(report)
+
+    code, stdout, _ = run_cli(*TINY, "--out", str(out))  # the same studies, named explicitly
+    assert code == 0 and "ran 0 (none), 16 already finished" in stdout
+    assert _trial_count(out / "results.sqlite") == (16, 16)
+    assert report_content(report) == first
+
+    code, stdout, _ = run_cli("report", str(out / "results.sqlite"), "--out",
+                              str(tmp_path / "again"))
+    assert code == 0 and "Leaderboard" in stdout
+    assert report_content(tmp_path / "again") == first
+
+
+def test_user_optimizer_and_workload_and_a_failing_optimizer(tmp_path):
+    out = tmp_path / "user"
+    code, _, stderr = run_cli(
+        "bench", "--suite", "tiny", "--jobs", "1", "--out", str(out),
+        "--workload", "tests.bench.fixture_user:make_workload", "--workload", "quadratic",
+        "--optimizer", "tests.bench.fixture_user:SignSGD",
+        "--optimizer", "tests.bench.fixture_user:Exploding", "--optimizer", "sgd")
+    assert code == 0, stderr
+    assert "trial failed: linreg / tests.bench.fixture_user:Exploding" in stderr
+    with open(out / "report" / "trials.csv") as fh:
+        trials = list(csv.DictReader(fh))
+    exploding = [t for t in trials if t["optimizer"].endswith(":Exploding")]
+    others = [t for t in trials if not t["optimizer"].endswith(":Exploding")]
+    assert exploding and all(t["status"] == "failed" for t in exploding)
+    assert all(t["error"] == "RuntimeError: boom from Exploding.step" for t in exploding)
+    assert others and all(t["status"] == "ok" for t in others)
+    assert {t["workload"] for t in others} == {"linreg", "quadratic"}
+    sign = [t for t in others if t["optimizer"].endswith(":SignSGD") and t["phase"] == "tune"]
+    assert sorted(t["hparams"] for t in sign)[0] != sorted(t["hparams"] for t in sign)[-1]
+    assert "Failed and diverged trials" in (out / "report" / "index.html").read_text()
+
+
+def test_jobs_2_gives_the_same_trials_as_jobs_1(tiny_run, tmp_path):
+    out = tmp_path / "jobs2"
+    argv = [a if a != "1" else "2" for a in TINY]
+    code, _, stderr = run_cli(*argv, "--out", str(out))
+    assert code == 0, stderr
+    serial = report_content(tiny_run[0] / "report")
+    assert report_content(out / "report") == serial
+    assert len(serial["trials.csv"]) == 17  # header + 16 trials
+
+
+def _assert_usage_error(tmp_path, argv, *fragments):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, stdout, stderr = run_cli(*argv)
+    assert code == 2 and stdout == "", (argv, stderr)
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    for fragment in fragments:
+        assert fragment in stderr, (fragment, stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+    return stderr
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--workload", "nope"], ["unknown workload 'nope'", "quadratic, rosenbrock"]),
+    (["--optimizer", "nope"], ["unknown optimizer 'nope'", "adam", "sgd", "module:Class"]),
+    (["--optimizer", "sgd", "--optimizer", "sgd"], ["optimizers must be distinct"]),
+    (["--optimizer", "tests.bench.fixture_user:NotAnOptimizer"],
+     ["not a torch.optim.Optimizer subclass"]),
+    (["--optimizer", "torch.optim:Nope"], ["has no attribute 'Nope'"]),
+    (["--optimizer", "no_such_pkg.mod:Opt"], ["cannot import module 'no_such_pkg.mod'"]),
+    (["--workload", "a:b:c"], ["malformed workload 'a:b:c'", "package.module:attribute"]),
+    (["--workload", "mod:"], ["malformed workload"]),
+    (["--workload", "tests.bench.fixture_user:broken_factory"], ["factory raised"]),
+    (["--suite", "huge"], ["unknown suite 'huge'", "quick, full, tiny"]),
+    (["--jobs", "0"], ["--jobs", "must be an integer >= 1"]),
+    (["--jobs", "two"], ["--jobs", "invalid integer 'two'"]),
+    (["--trials", "-1"], ["--trials", ">= 0"]),
+    (["--seeds", "1.5"], ["--seeds", "invalid integer"]),
+    (["--backend", "spark"], ["invalid choice: 'spark'"]),
+    (["--ray-address", "x:1"], ["--ray-address needs --backend ray"]),
+    (["--resume"], ["--resume: no database"]),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, extra, fragments):
+    _assert_usage_error(tmp_path, ["bench", "--out", str(tmp_path / "o"), *extra],
+                        *fragments)
+
+
+def test_unwritable_output_paths(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("x")
+    _assert_usage_error(tmp_path, ["bench", "--out", str(blocker / "out")],
+                        "is not a directory")
+    _assert_usage_error(tmp_path, ["bench", "--out", str(blocker)],
+                        "exists and is not a directory")
+    _assert_usage_error(tmp_path, ["bench", "--out", str(tmp_path / "o"), "--db",
+                                           str(tmp_path)], "is a directory")
+    if Path("/proc/self").is_dir():  # Linux: procfs refuses new files, even for root
+        _assert_usage_error(tmp_path, ["bench", "--out", "/proc/gradkit-no"], "not writable")
+    _assert_usage_error(tmp_path, ["bench", "--out", str(tmp_path / "o"), "--db",
+                                           str(blocker)], "not a gradkit results database")
+
+
+def test_report_errors(tmp_path):
+    _assert_usage_error(tmp_path, ["report", str(tmp_path / "none.sqlite")],
+                        "no results database")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_text("junk" * 100)
+    _assert_usage_error(tmp_path, ["report", str(junk)], "not a gradkit results")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed")
+def test_ray_backend_without_ray_says_how_to_install(tmp_path):
+    _assert_usage_error(tmp_path, ["bench", "--backend", "ray", "--out",
+                                           str(tmp_path / "o")], "pip install 'gradkit[ray]'")
+
+
+def test_ray_backend_on_a_local_instance(tiny_run, tmp_path):
+    pytest.importorskip("ray", reason="ray is not installed (extra gradkit[ray])")
+    out = tmp_path / "ray"
+    argv = [a if a != "1" else "2" for a in TINY]
+    code, _, stderr = run_cli(*argv, "--backend", "ray", "--out", str(out))
+    assert code == 0, stderr
+    assert report_content(out / "report") == report_content(tiny_run[0] / "report")
+
+
+def test_list():
+    code, stdout, _ = run_cli("bench", "--list")
+    assert code == 0 and "quick" in stdout and "cnn" in stdout and "muon" in stdout
