@@ -18,15 +18,23 @@ from torch.func import functional_call, grad, vmap
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-def check_per_example_safe(model: nn.Module) -> None:
-    """Refuse modules whose train-mode forward mixes examples (BatchNorm in train mode)."""
+def train_mode_batchnorm(model: nn.Module) -> str | None:
+    """The name of the first BatchNorm module in train mode, or None."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise RuntimeError(
-                f"module '{name or type(module).__name__}' is a BatchNorm in train mode: its "
-                "batch statistics mix examples, so per-example gradients are undefined. Put it "
-                "in eval mode (module.eval()) for the measurement, or use GroupNorm/LayerNorm."
-            )
+            return name or type(module).__name__
+    return None
+
+
+def check_per_example_safe(model: nn.Module) -> None:
+    """Refuse modules whose train-mode forward mixes examples (BatchNorm in train mode)."""
+    name = train_mode_batchnorm(model)
+    if name is not None:
+        raise RuntimeError(
+            f"module '{name}' is a BatchNorm in train mode: its "
+            "batch statistics mix examples, so per-example gradients are undefined. Put it "
+            "in eval mode (module.eval()) for the measurement, or use GroupNorm/LayerNorm."
+        )
 
 
 def _select(model: nn.Module, names: Iterable[str] | None) -> dict[str, Tensor]:

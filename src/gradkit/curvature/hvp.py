@@ -1,0 +1,134 @@
+r"""Functional Hessian-vector products with ``torch.func``.
+
+.. math::
+    \begin{aligned}
+        Hv &= \frac{d}{d\epsilon} \nabla_\theta L(\theta + \epsilon v)\Big|_{\epsilon=0}
+            &&\text{forward-over-reverse: } \texttt{jvp(grad(L))} \\
+        Hv &= \nabla_\theta \big(\nabla_\theta L(\theta)^\top v\big)
+            &&\text{reverse-over-reverse: } \texttt{vjp(grad(L))}
+    \end{aligned}
+
+Forward-over-reverse (Pearlmutter's R-operator) is the default; where an operation has no
+forward-mode rule (``NotImplementedError``/``RuntimeError`` from ``jvp``) the product falls
+back to reverse-over-reverse, which needs only double backward. A block of ``k`` vectors is
+handled with ``vmap`` over the tangents, so the primal forward/backward is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from gradkit.autodiff.flat import FlatParams
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Mode = Literal["auto", "fwd-rev", "rev-rev"]
+ParamDict = dict[str, Tensor]
+
+
+def _fwd_rev(fn: Callable[[ParamDict], Tensor], params: ParamDict, tangents: ParamDict,
+             batched: bool) -> ParamDict:
+    g = grad(fn)
+
+    def one(t: ParamDict) -> ParamDict:
+        return jvp(g, (params,), (t,))[1]
+
+    return vmap(one)(tangents) if batched else one(tangents)
+
+
+def _rev_rev(fn: Callable[[ParamDict], Tensor], params: ParamDict, tangents: ParamDict,
+             batched: bool) -> ParamDict:
+    _, pullback = vjp(grad(fn), params)
+
+    def one(t: ParamDict) -> ParamDict:
+        return pullback(t)[0]
+
+    return vmap(one)(tangents) if batched else one(tangents)
+
+
+def hvp_dict(fn: Callable[[ParamDict], Tensor], params: ParamDict, tangents: ParamDict, *,
+             batched: bool = False, mode: Mode = "auto") -> tuple[ParamDict, Mode]:
+    """``H t`` of a scalar ``fn(params)``; ``batched`` tangents carry a leading ``k`` dim.
+
+    Returns the product and the mode that computed it ("fwd-rev" or "rev-rev"), so that a
+    caller can skip the failing forward-mode attempt next time.
+    """
+    if mode not in ("auto", "fwd-rev", "rev-rev"):
+        raise ValueError(f"Invalid mode: {mode!r} (use 'auto', 'fwd-rev' or 'rev-rev')")
+    if mode == "rev-rev":
+        return _rev_rev(fn, params, tangents, batched), "rev-rev"
+    try:
+        return _fwd_rev(fn, params, tangents, batched), "fwd-rev"
+    except (NotImplementedError, RuntimeError):
+        if mode == "fwd-rev":
+            raise
+    return _rev_rev(fn, params, tangents, batched), "rev-rev"
+
+
+def columns_to_dict(flat: FlatParams, V: Tensor) -> ParamDict:
+    """A block ``(n, k)`` as ``{name: (k, *shape)}`` views."""
+    return flat.as_dict(V.T)
+
+
+def dict_to_columns(flat: FlatParams, d: Mapping[str, Tensor]) -> Tensor:
+    """``{name: (k, *shape)}`` back to a block ``(n, k)``."""
+    k = d[flat.names[0]].shape[0]
+    return torch.cat([d[n].reshape(k, -1) for n in flat.names], dim=1).T
+
+
+def split_params(model: nn.Module, names: Iterable[str] | None) -> tuple[FlatParams, ParamDict,
+                                                                       ParamDict]:
+    """(layout of the chosen params, chosen {name: detached}, the rest incl. buffers)."""
+    flat = FlatParams.from_module(model, names)
+    chosen = {n: p for n, p in model.named_parameters() if n in set(flat.names)}
+    chosen = {n: chosen[n].detach() for n in flat.names}
+    rest = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+    rest.update(dict(model.named_buffers()))
+    return flat, chosen, rest
+
+
+def hvp(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    v: Tensor | Mapping[str, Tensor],
+    params: Iterable[str] | None = None,
+    *,
+    mode: Mode = "auto",
+) -> Tensor | dict[str, Tensor]:
+    """Hessian-vector product of ``loss_fn(model(inputs), targets)`` on one batch.
+
+    Args:
+        model: the network (read, never modified; its current mode is used as is).
+        loss_fn: ``loss_fn(outputs, targets) -> scalar``.
+        inputs, targets: the batch.
+        v: a flat vector ``(n,)``, a block ``(n, k)`` of ``k`` vectors as columns, or a
+            ``{name: tensor}`` dict shaped like the chosen parameters.
+        params: names of the parameters (default: all trainable); the Hessian is the block of
+            these parameters.
+        mode: "auto" (forward-over-reverse, falling back to reverse-over-reverse where
+            forward mode is unsupported), "fwd-rev" or "rev-rev".
+
+    Returns:
+        ``H v`` in the same layout as ``v``.
+    """
+    flat, chosen, rest = split_params(model, params)
+
+    def loss(p: ParamDict) -> Tensor:
+        return loss_fn(functional_call(model, {**rest, **p}, (inputs,)), targets)
+
+    if isinstance(v, Mapping):
+        out, _ = hvp_dict(loss, chosen, {n: v[n] for n in flat.names}, mode=mode)
+        return out
+    if v.ndim == 1:
+        out, _ = hvp_dict(loss, chosen, flat.as_dict(v), mode=mode)
+        return flat.flatten(out)
+    if v.ndim != 2:
+        raise ValueError(f"v must be (n,), (n, k) or a dict, got shape {tuple(v.shape)}")
+    out, _ = hvp_dict(loss, chosen, columns_to_dict(flat, v), batched=True, mode=mode)
+    return dict_to_columns(flat, out)

@@ -1,0 +1,151 @@
+"""Cheap per-step quantities: norms, update size, logit statistics, softmax collapse.
+
+Every function here is pure (reads tensors, returns Python floats or tensors) and usable
+without a :class:`~gradkit.instruments.Monitor`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+Tensors = Sequence[Tensor] | Mapping[str, Tensor]
+
+
+def _values(tensors: Tensors) -> list[Tensor]:
+    return list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+
+
+def global_norm(tensors: Tensors) -> float:
+    """``sqrt(Σ_t ‖t‖²)`` over a set of tensors (the global gradient norm of ``p.grad``s)."""
+    values = _values(tensors)
+    if not values:
+        raise ValueError("global_norm needs at least one tensor")
+    norms = torch._foreach_norm([v.detach() for v in values])
+    return float(torch.linalg.vector_norm(torch.stack(norms)).item())
+
+
+def layer_norms(tensors: Mapping[str, Tensor]) -> dict[str, float]:
+    """``{name: ‖t‖}`` for each tensor (per-layer gradient or weight norms)."""
+    names = list(tensors)
+    norms = torch.stack(torch._foreach_norm([tensors[n].detach() for n in names])).tolist()
+    return dict(zip(names, norms))
+
+
+def update_size(before: Tensors, after: Tensors) -> float:
+    """``‖θ_after − θ_before‖`` over all tensors (the size of one optimizer update)."""
+    diffs = torch._foreach_sub([a.detach() for a in _values(after)], _values(before))
+    return global_norm(diffs)
+
+
+def update_ratio(before: Tensors, after: Tensors) -> float:
+    """``‖θ_after − θ_before‖ / ‖θ_before‖`` (update/weight ratio; ``inf`` if θ_before = 0)."""
+    num, den = update_size(before, after), global_norm(before)
+    return num / den if den > 0 else float("inf")
+
+
+def layer_update_ratios(before: Mapping[str, Tensor], after: Mapping[str, Tensor]
+                        ) -> dict[str, float]:
+    """Per-tensor ``‖Δθ_l‖ / ‖θ_l‖`` (``inf`` for an all-zero tensor that moved)."""
+    names = list(before)
+    diffs = torch._foreach_sub([after[n].detach() for n in names], [before[n] for n in names])
+    num = torch.stack(torch._foreach_norm(diffs))
+    den = torch.stack(torch._foreach_norm([before[n] for n in names]))
+    return dict(zip(names, (num / den).tolist()))
+
+
+def nlm_alignment(grads: Tensors, params: Tensors) -> float:
+    r"""Cosine between the descent direction ``−g`` and the weights ``θ`` (all tensors joined).
+
+    The "naive loss minimization" direction of Prieto et al. (arXiv 2501.04697) is ``θ``
+    itself: for a positively homogeneous network, scaling the weights up scales the logits and
+    lowers a cross-entropy loss that already classifies correctly without changing any
+    prediction. ``nlm_alignment → 1`` means a gradient step mostly inflates the weights.
+    Sign convention (our choice): the *descent* direction is compared, so a plain GD step
+    ``θ ← θ − η g`` grows ``‖θ‖`` exactly when the value is positive.
+    """
+    g = torch.cat([t.detach().reshape(-1) for t in _values(grads)])
+    w = torch.cat([t.detach().reshape(-1) for t in _values(params)])
+    den = float(torch.linalg.vector_norm(g) * torch.linalg.vector_norm(w))
+    return float(-(g @ w)) / den if den > 0 else float("nan")
+
+
+def max_abs_logit(logits: Tensor) -> float:
+    """``max |z|`` over a batch of logits (the quantity whose growth precedes instabilities,
+    Wortsman et al., "Small-scale proxies for large-scale Transformer training
+    instabilities")."""
+    return float(logits.detach().abs().max().item())
+
+
+def softmax_collapse_fraction(logits: Tensor) -> float:
+    r"""Fraction of examples whose softmax has collapsed in the logits' own float precision.
+
+    .. math::
+        z' = z - \max_j z_j, \qquad S = \sum_j \exp(z'_j), \qquad
+        \mathrm{SC} = \operatorname{mean}_n [S_n = 1]
+
+    ``S == 1`` exactly means every non-maximal term was absorbed by rounding, so the
+    probability of the top class is exactly 1 and its cross-entropy gradient vanishes.
+    Matches ``compute_softmax_collapse`` in the official code of Prieto et al. (arXiv
+    2501.04697, ``logger.py``): computed in the dtype of ``logits`` (e.g. fp32), never upcast.
+    Logits are ``(..., C)``; all leading dimensions count as examples.
+    """
+    z = logits.detach()
+    shifted = z - z.max(dim=-1, keepdim=True).values
+    s = torch.exp(shifted).sum(dim=-1)
+    return float((s == 1).float().mean().item())
+
+
+def zero_loss_fraction(per_example_losses: Tensor) -> float:
+    """Fraction of examples whose loss is exactly 0 (companion of the softmax-collapse
+    fraction, ``zero_terms`` in the official grokking code)."""
+    return float((per_example_losses.detach() == 0).float().mean().item())
+
+
+_F = torch.nn.functional
+_UNREDUCED = {_F.cross_entropy, _F.nll_loss, _F.mse_loss, _F.l1_loss, _F.smooth_l1_loss,
+              _F.huber_loss, _F.binary_cross_entropy, _F.binary_cross_entropy_with_logits,
+              _F.soft_margin_loss}
+_UNREDUCED_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss,
+                      nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss, nn.SoftMarginLoss)
+
+
+def _unreduced(loss_fn: Callable[[Tensor, Tensor], Tensor], out: Tensor, targets: Tensor
+               ) -> Tensor | None:
+    """torch's own ``reduction="none"`` for its mean-reduced losses (no vmap needed)."""
+    try:
+        known = loss_fn in _UNREDUCED
+    except TypeError:  # unhashable callable
+        known = False
+    if known:
+        full = loss_fn(out, targets, reduction="none")
+    elif (type(loss_fn) in _UNREDUCED_MODULES and getattr(loss_fn, "reduction", "") == "mean"
+          and getattr(loss_fn, "weight", None) is None):  # class weights change the mean
+        clone = copy.copy(loss_fn)
+        clone.reduction = "none"
+        full = clone(out, targets)
+    else:
+        return None
+    return full.reshape(full.shape[0], -1).mean(1) if full.dim() > 1 else full
+
+
+def per_example_losses(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor],
+                       inputs: Tensor, targets: Tensor, *, outputs: Tensor | None = None
+                       ) -> Tensor:
+    """Per-example losses ``loss_fn(f(x_i)[None], y_i[None])`` as a ``(B,)`` tensor.
+
+    One batched forward pass (or the given ``outputs``), then torch's ``reduction="none"``
+    for its mean-reduced losses (``F.cross_entropy``, ``nn.MSELoss()``, ...; the mean over
+    non-batch dimensions is taken, as the loss of a batch of one would), else a ``vmap`` of
+    ``loss_fn`` over examples, so any mean-reduced ``loss_fn`` works. No gradient is recorded.
+    """
+    with torch.no_grad():
+        out = model(inputs) if outputs is None else outputs.detach()
+        fast = _unreduced(loss_fn, out, targets)
+        if fast is not None:
+            return fast
+        return vmap(lambda o, y: loss_fn(o.unsqueeze(0), y.unsqueeze(0)))(out, targets)

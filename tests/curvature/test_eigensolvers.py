@@ -1,0 +1,116 @@
+"""KAT 6: Lanczos and power iteration on known spectra."""
+
+import pytest
+import torch
+
+from gradkit.curvature import MatrixOperator, lanczos, power_iteration
+from tests.curvature._helpers import gen, with_spectrum
+
+F64 = torch.float64
+
+
+def wishart(n=120, rows=300, seed=1):
+    A = torch.randn(rows, n, generator=gen(seed), dtype=F64)
+    return A.T @ A / rows
+
+
+def check_pairs(A, vals, vecs, atol):
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(vecs.shape[1], dtype=F64),
+                               rtol=0, atol=1e-8)
+    residual = (A @ vecs - vecs * vals).norm(dim=0)
+    assert float(residual.max()) < atol
+
+
+def test_diag_one_to_five_and_which_semantics():
+    op = MatrixOperator(torch.diag(torch.arange(1.0, 6.0, dtype=F64)))
+    torch.testing.assert_close(lanczos(op, 5, generator=gen())[0],
+                               torch.tensor([5.0, 4, 3, 2, 1], dtype=F64))
+    torch.testing.assert_close(lanczos(op, 2, "largest", generator=gen())[0],
+                               torch.tensor([5.0, 4], dtype=F64))
+    torch.testing.assert_close(lanczos(op, 2, "smallest", generator=gen())[0],
+                               torch.tensor([1.0, 2], dtype=F64))
+    torch.testing.assert_close(lanczos(op, 3, "both", generator=gen())[0],
+                               torch.tensor([1.0, 4, 5], dtype=F64))
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest", "both"])
+def test_wishart_with_thick_restarts(which):
+    A = wishart()
+    truth = torch.linalg.eigvalsh(A)
+    vals, vecs, info = lanczos(MatrixOperator(A), 6, which, tol=1e-10, ncv=16,
+                               generator=gen(), return_info=True)
+    expected = {"largest": truth.flip(0)[:6], "smallest": truth[:6],
+                "both": torch.cat([truth[:3], truth[-3:]])}[which]
+    torch.testing.assert_close(vals, expected, rtol=1e-9, atol=0)
+    # tol bounds min(r, r^2/gap), so residuals are only ~sqrt(tol * gap)
+    check_pairs(A, vals, vecs, atol=1e-4)
+    assert info.converged and info.num_restarts > 0
+    torch.testing.assert_close(info.residuals, (A @ vecs - vecs * vals).norm(dim=0),
+                               rtol=1e-3, atol=1e-12)
+
+
+def test_tol_controls_the_relative_eigenvalue_error():
+    A = wishart(n=300, rows=320, seed=2)  # a dense, clustered top of the spectrum
+    top = torch.linalg.eigvalsh(A).flip(0)[:10]
+    for tol in (1e-3, 1e-6):
+        vals, _, info = lanczos(MatrixOperator(A), 10, tol=tol, generator=gen(),
+                                return_info=True)
+        assert info.converged
+        assert float(((vals - top).abs() / top).max()) <= tol
+
+
+def test_repeated_eigenvalues_need_a_block():
+    lam = [5.0, 5.0, 5.0, 2.0, 1.5, 1.0, 0.5, 0.2] + [0.1] * 12
+    A = with_spectrum(lam)
+    vals, vecs = lanczos(MatrixOperator(A), 4, block_size=3, tol=1e-10, generator=gen())
+    torch.testing.assert_close(vals, torch.tensor([5.0, 5.0, 5.0, 2.0], dtype=F64))
+    check_pairs(A, vals, vecs, atol=1e-7)
+    pvals, pvecs = power_iteration(MatrixOperator(A), 3, tol=1e-10, generator=gen())
+    torch.testing.assert_close(pvals, torch.tensor([5.0, 5.0, 5.0], dtype=F64))
+    check_pairs(A, pvals, pvecs, atol=1e-7)
+
+
+def test_power_iteration_largest_magnitude_with_deflation():
+    A = with_spectrum([-10.0, 3.0, 1.0, 0.5])
+    vals, vecs, info = power_iteration(MatrixOperator(A), 2, tol=1e-10, generator=gen(),
+                                       return_info=True)
+    torch.testing.assert_close(vals, torch.tensor([-10.0, 3.0], dtype=F64))
+    check_pairs(A, vals, vecs, atol=1e-8)
+    assert info.converged and info.num_matvecs > 2
+
+
+def test_seed_reproducibility():
+    op = MatrixOperator(wishart())
+    a = lanczos(op, 3, generator=gen(7))
+    b = lanczos(op, 3, generator=gen(7))
+    c = lanczos(op, 3, generator=gen(8))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+    torch.testing.assert_close(a[0], c[0], rtol=1e-4, atol=0)
+    gapped = MatrixOperator(with_spectrum([4.0, 2.0, 1.0, 0.5, 0.1]))
+    p1, p2 = (power_iteration(gapped, 2, generator=gen(3)),
+              power_iteration(gapped, 2, generator=gen(3)))
+    assert torch.equal(p1[1], p2[1])
+
+
+def test_budget_exhaustion_warns_and_reports_not_converged():
+    op = MatrixOperator(wishart())
+    with pytest.warns(RuntimeWarning, match="max_iter"):
+        _, _, info = lanczos(op, 5, tol=1e-12, max_iter=8, generator=gen(), return_info=True)
+    assert not info.converged and info.num_matvecs <= 8
+
+
+def test_invalid_arguments():
+    op = MatrixOperator(torch.eye(4, dtype=F64))
+    with pytest.raises(ValueError, match="Invalid k"):
+        lanczos(op, 5)
+    with pytest.raises(ValueError, match="Invalid which"):
+        lanczos(op, 1, "middle")
+    with pytest.raises(ValueError, match="Invalid tol"):
+        power_iteration(op, 1, tol=0)
+
+
+def test_identity_breakdown_is_handled():
+    vals, vecs = lanczos(MatrixOperator(torch.eye(6, dtype=F64)), 3, generator=gen())
+    torch.testing.assert_close(vals, torch.ones(3, dtype=F64))
+    torch.testing.assert_close(vecs.T @ vecs, torch.eye(3, dtype=F64))
