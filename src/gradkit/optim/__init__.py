@@ -6,8 +6,29 @@
 
 from gradkit.optim._registry import available, create, get, register
 
-__all__ = ["available", "create", "get", "register"]
-
-# Each optimizer module registers itself on import; add new modules below.
+# Each optimizer module registers itself on import.
 # --- wave 1 (issue: foundation) ---
+from gradkit.optim.adamp import SGDP, AdamP
+from gradkit.optim.diffgrad import DiffGrad
+
+# isort: split
 # --- wave 2 (issue: Muon, AdaGrad-Norm, PerpGrad, M3, SAM, ...) ---
+from gradkit.optim.adagrad_norm import AdaGradNorm
+from gradkit.optim.coherent import (
+    M3,
+    RA3,
+    RM3,
+    winsorized_gradient,
+    winsorized_grads,
+)
+from gradkit.optim.drop_muon import DropMuon, drop_muon_layer_groups
+from gradkit.optim.muon import Muon, muon_param_groups
+from gradkit.optim.newton_schulz import newton_schulz5
+from gradkit.optim.perpgrad import PerpGrad
+from gradkit.optim.sam import SAM
+
+__all__ = [
+    "M3", "RA3", "RM3", "SAM", "SGDP", "AdaGradNorm", "AdamP", "DiffGrad", "DropMuon", "Muon",
+    "PerpGrad", "available", "create", "drop_muon_layer_groups", "get", "muon_param_groups",
+    "newton_schulz5", "register", "winsorized_gradient", "winsorized_grads",
+]

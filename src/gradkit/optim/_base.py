@@ -161,3 +161,25 @@ def step_counter(state: dict, param: Tensor) -> Tensor:
     if "step" not in state:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
     return state["step"]
+
+
+# ----------------------------------------------------------------------- step helpers
+def evaluate_closure(closure) -> object:
+    """The loss from ``closure()`` called under ``torch.enable_grad()`` (None if no closure)."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def group_gradients(optimizer_name: str, group: dict, *, foreach_key: str = "foreach",
+                    negate: bool = True) -> tuple[list[Tensor], list[Tensor], bool]:
+    """``(params, grads, use_foreach)`` of a group: grad None skipped, sparse refused, and
+    ``-g`` when ``group["maximize"]`` (unless ``negate=False``); ``p.grad`` is untouched."""
+    params, grads = params_with_grad(optimizer_name, group)
+    if not params:
+        return params, grads, False
+    foreach = resolve_impl(params, group[foreach_key], None, False) == "foreach"
+    if negate:
+        grads = maybe_negate(grads, group["maximize"], foreach)
+    return params, grads, foreach

@@ -1,0 +1,274 @@
+"""Shared machinery for the multi-tensor and fused (``torch.compile``) optimizer paths.
+
+A fused step is a *kernel*: a plain function of tensors that updates some of them in place,
+compiled once with ``torch.compile(dynamic=True, fullgraph=True)``. Hyperparameters reach the
+kernel as one small 1-D tensor of scalars (:func:`scalars`), never as Python floats, so changing
+``param_group['lr']`` (schedulers) re-uses the compiled code instead of recompiling.
+
+Tensors are handed to a kernel in one of two layouts:
+
+* :func:`apply_elementwise`: large contiguous tensors one at a time as flat views (no copy);
+  all small ones concatenated into one flat buffer, run once, and copied back. Many small
+  tensors then cost a handful of ops instead of one kernel call each.
+* :func:`apply_rows`: for kernels that need per-row (channel) and per-tensor reductions.
+  Tensors are shown as ``(N, C, D)``: large ones alone as views, small same-shaped ones stacked.
+  Tensors flagged as not row-structured (e.g. biases) are concatenated as ``(1, 1, total)`` and
+  the kernel is told so through its ``rows`` argument.
+
+Dynamic shapes mean one compilation serves every tensor size (sizes 0 and 1 are specialised by
+torch, so a few variants can exist, e.g. ``N = 1`` vs ``N > 1`` stacks; each compiles once
+per process). Duck sizing is off, so square and non-square tensors share a graph.
+
+Packed state: the ``state['step']`` tensors of a param group (all paths) and, on the fused
+path, the state of small tensors are views into one buffer per kind (:func:`packed_state`), so
+one op updates them all. They remain ordinary per-parameter tensors for ``state_dict`` /
+``load_state_dict`` / ``deepcopy``; after a load the buffers are rebuilt on the next step.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch._C._nn import flatten_dense_tensors, unflatten_dense_tensors
+from torch.fx.experimental import _config as _fx_config
+
+from gradkit.optim._base import group_by_device_and_dtype, params_with_grad, resolve_impl
+
+# Tensors with at least this many elements get their own kernel call (no packing copy).
+BIG_NUMEL = 1 << 15
+
+
+@functools.cache
+def compiled(kernel: Callable) -> Callable:
+    """``kernel`` compiled once per process (dynamic shapes, whole graph).
+
+    Duck sizing is switched off while tracing: otherwise a square first input (C == D) makes
+    dynamo assume every later input is square too and recompile for the first non-square one.
+    """
+    fn = torch.compile(kernel, dynamic=True, fullgraph=True)
+
+    @functools.wraps(kernel)
+    def run(*args: object, **kwargs: object) -> object:
+        previous = _fx_config.use_duck_shape  # (config.patch costs ~10x more per call)
+        _fx_config.use_duck_shape = False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _fx_config.use_duck_shape = previous
+
+    return run
+
+
+def compile_count() -> int:
+    """Number of graphs torch.compile has produced in this process (recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def scalars(values: Sequence[float], like: Tensor) -> Tensor:
+    """Hyperparameters as one 1-D tensor of ``like``'s dtype and device (computed in double)."""
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device)
+
+
+def indices_by_value(values: Sequence[float]) -> dict[float, list[int]]:
+    """``{value: [positions]}``, e.g. to run one kernel per distinct step count."""
+    out: dict[float, list[int]] = {}
+    for i, v in enumerate(values):
+        out.setdefault(v, []).append(i)
+    return out
+
+
+def alias(t: Tensor, shape: Sequence[int]) -> Tensor:
+    """A contiguous ``t`` reshaped WITHOUT being a view (``_base`` is None, storage shared).
+
+    torch.compile guards on whether an input is a view and on its base; aliasing through
+    ``set_`` gives every kernel input the same kind, so views and packed buffers share one
+    compiled graph.
+    """
+    shape = list(shape)
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = t.numel() // known if known else 0
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), shape)
+
+
+def _contiguous(tensors: Sequence[Tensor]) -> bool:
+    return all(t.is_contiguous() for t in tensors)
+
+
+# ------------------------------------------------------------------------ packed state
+# Small tensors' state lives in one packed buffer per (pack, state key): the tensors in
+# ``optimizer.state`` are views into it, so the kernel updates them with no copies. The
+# buffers are rebuilt (one copy) whenever the state tensors are no longer the views handed
+# out, e.g. after ``load_state_dict`` or when the set of params with a grad changes.
+def _flat_pack(ts: list[Tensor]) -> Tensor:
+    return flatten_dense_tensors(ts)
+
+
+def _flat_unpack(buf: Tensor, like: list[Tensor]) -> list[Tensor]:
+    return list(unflatten_dense_tensors(buf, like))
+
+
+def _stack_pack(ts: list[Tensor]) -> Tensor:
+    return torch.stack(ts)
+
+
+def _stack_unpack(buf: Tensor, like: list[Tensor]) -> list[Tensor]:
+    return list(buf.unbind(0))
+
+
+LAYOUTS = {"flat": (_flat_pack, _flat_unpack), "stack": (_stack_pack, _stack_unpack)}
+
+
+def packed_state(opt: torch.optim.Optimizer, params: list[Tensor], key: str,
+                 layout: str = "flat") -> Tensor:
+    """The packed buffer behind ``opt.state[p][key]`` for ``params`` (built on first use)."""
+    cache = opt.__dict__.setdefault("_gradkit_packs", {})  # dropped by Optimizer pickling
+    ckey = (tuple(map(id, params)), key, layout)
+    hit = cache.get(ckey)
+    state = opt.state
+    if hit is not None and all(state[p][key] is v for p, v in zip(params, hit[1])):
+        return hit[0]
+    pack, unpack = LAYOUTS[layout]
+    current = [state[p][key] for p in params]
+    buf = pack(current)
+    views = unpack(buf, current)
+    for p, v in zip(params, views):
+        state[p][key] = v
+    ids = set(ckey[0])  # forget stale packs of these params (they would pin old buffers)
+    for old in [k for k in cache if k[1:] == ckey[1:] and not ids.isdisjoint(k[0])]:
+        del cache[old]
+    cache[ckey] = (buf, views)
+    return buf
+
+
+def advance_packed_steps(opt: torch.optim.Optimizer, params: list[Tensor]) -> list[float]:
+    """``step += 1`` for every param with one op (the step tensors are views of one buffer)."""
+    steps = packed_state(opt, params, "step")
+    steps.add_(1.0)
+    return steps.tolist()
+
+
+# ---------------------------------------------------------------------- kernel drivers
+def apply_elementwise(opt: torch.optim.Optimizer, kernel: Callable, params: list[Tensor],
+                      grads: list[Tensor], keys: Sequence[str], *extra: object,
+                      indices: Sequence[int] | None = None) -> None:
+    """Run ``kernel(p, g, *state, *extra)`` (updates p and state in place) over all params.
+
+    Large contiguous tensors are passed one at a time as flat aliases; the small ones as one
+    flat buffer per tensor kind: packed params (copied back after the kernel), packed grads,
+    and the persistent packed state. ``indices`` restricts the work to some parameters.
+    """
+    idx = range(len(params)) if indices is None else indices
+    state = opt.state
+    small = []
+    for i in idx:
+        p = params[i]
+        tensors = [p, grads[i], *(state[p][k] for k in keys)]
+        if p.numel() >= BIG_NUMEL and _contiguous(tensors):
+            kernel(*[alias(t, (-1,)) for t in tensors], *extra)
+        else:
+            small.append(i)
+    if small:
+        ps = [params[i] for i in small]
+        p_flat = flatten_dense_tensors(ps)
+        bufs = [packed_state(opt, ps, k) for k in keys]
+        kernel(*[alias(t, (-1,)) for t in (p_flat, flatten_dense_tensors(
+            [grads[i] for i in small]), *bufs)], *extra)
+        torch._foreach_copy_(ps, unflatten_dense_tensors(p_flat, ps))
+
+
+def apply_rows(opt: torch.optim.Optimizer, kernel: Callable, params: list[Tensor],
+               grads: list[Tensor], keys: Sequence[str], row_structured: Sequence[bool],
+               *extra: object, indices: Sequence[int] | None = None) -> None:
+    """Run ``kernel(p, g, *state, *extra, rows=...)`` with tensors shaped ``(N, C, D)``.
+
+    Row-structured tensors (``row_structured[i]``) are shown with ``C = shape[0]`` rows and
+    ``rows=True``: large ones alone, small same-shaped ones stacked. The others are packed flat
+    as ``(1, 1, total)`` with ``rows=False``. State of packed tensors is persistent (see
+    :func:`packed_state`); packed params are copied back after the kernel.
+    """
+    idx = range(len(params)) if indices is None else indices
+    state = opt.state
+    flat: list[int] = []
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i in idx:
+        p = params[i]
+        tensors = [p, grads[i], *(state[p][k] for k in keys)]
+        if not row_structured[i]:
+            flat.append(i)
+        elif p.numel() >= BIG_NUMEL and _contiguous(tensors):
+            kernel(*[alias(t, (1, p.shape[0], -1)) for t in tensors], *extra, rows=True)
+        else:
+            by_shape.setdefault(tuple(p.shape), []).append(i)
+    for shape, group in by_shape.items():
+        ps = [params[i] for i in group]
+        p_stack = torch.stack(ps)
+        tensors = (p_stack, torch.stack([grads[i] for i in group]),
+                   *(packed_state(opt, ps, k, "stack") for k in keys))
+        kernel(*[alias(t, (len(group), shape[0], -1)) for t in tensors], *extra, rows=True)
+        torch._foreach_copy_(ps, list(p_stack.unbind(0)))
+    if flat:
+        ps = [params[i] for i in flat]
+        p_flat = flatten_dense_tensors(ps)
+        tensors = (p_flat, flatten_dense_tensors([grads[i] for i in flat]),
+                   *(packed_state(opt, ps, k) for k in keys))
+        kernel(*[alias(t, (1, 1, -1)) for t in tensors], *extra, rows=False)
+        torch._foreach_copy_(ps, unflatten_dense_tensors(p_flat, ps))
+
+
+class MultiPathOptimizer(torch.optim.Optimizer):
+    """``step`` skeleton shared by gradkit optimizers with loop / foreach / fused paths.
+
+    Subclasses set ``_name`` and implement ``_init_state(params) -> tuple of state lists``
+    (parallel to ``params``) and ``_loop`` / ``_foreach`` / ``_fused``, each called as
+    ``(group, params, grads, *state_lists)``; foreach and fused receive one device/dtype
+    bucket at a time. The closure runs under ``torch.enable_grad()``; params whose grad is
+    None are skipped (their state is created the first time a grad appears); sparse grads
+    raise ``RuntimeError``.
+    """
+
+    _name = "Optimizer"
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+
+    def _init_state(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
+        raise NotImplementedError
+
+    def _loop(self, group: dict, params: list[Tensor], grads: list[Tensor], *state) -> None:
+        raise NotImplementedError
+
+    _foreach = _loop
+    _fused = _loop
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], object] | None = None) -> object:
+        """Perform one optimisation step; ``closure`` re-evaluates and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads = params_with_grad(self._name, group)
+            if not params:
+                continue
+            state_lists = self._init_state(params)
+            impl = resolve_impl(params, group["foreach"], group["fused"], False)
+            if impl == "loop":
+                self._loop(group, params, grads, *state_lists)
+                continue
+            run = self._foreach if impl == "foreach" else self._fused
+            buckets = group_by_device_and_dtype([params, grads, *state_lists])
+            for (p_bucket, g_bucket, *state_bucket), _ in buckets.values():
+                run(group, p_bucket, g_bucket, *state_bucket)
+        return loss

@@ -1,0 +1,331 @@
+"""AdamP and SGDP (Heo et al., ICLR 2021): updates projected off the radial direction of
+scale-invariant weights, so normalisation layers cannot shrink the effective step size."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradkit.optim import _fused
+from gradkit.optim._base import (
+    check_betas,
+    check_eps,
+    check_impl_flags,
+    check_in_interval,
+    check_lr,
+    check_non_negative,
+    maybe_negate,
+    step_counter,
+)
+from gradkit.optim._moments import init_adam_state, update_adam_moments
+from gradkit.optim._projection import decay_factors, project, project_tensors
+from gradkit.optim._registry import register
+
+__all__ = ["SGDP", "AdamP"]
+
+_REF = """Paper: B. Heo, S. Chun, S. J. Oh, D. Han, S. Yun, G. Kim, Y. Uh, J.-W. Ha, "AdamP: Slowing
+    Down the Slowdown for Momentum Optimizers on Scale-invariant Weights", ICLR 2021. Matches
+    ``{file}`` of clovaai/AdamP (commit 146287b); the projection is
+    :func:`gradkit.optim._projection.project` (channel view first, then layer view; tested on
+    the raw gradient, applied to the update). Tensors with ``ndim <= 1`` are never projected
+    and get full weight decay."""
+
+
+class _ProjectedOptimizer(_fused.MultiPathOptimizer):
+    """Shared tail of AdamP and SGDP: projection, scaled decoupled decay, parameter step."""
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("nesterov", False)
+
+    def _decay(self, group: dict) -> tuple[float, float]:
+        """(factor without projection, factor with projection) for ``p <- p * factor``."""
+        raise NotImplementedError
+
+    def _finish(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                updates: list[Tensor], step_sizes: list[float], foreach: bool) -> list[Tensor]:
+        """Project, decay and step (per tensor, or with foreach ops); returns the projected
+        updates. Both paths project small same-shaped tensors as one stacked batch."""
+        updates, passed = project_tensors(params, grads, updates, group["delta"], group["eps"])
+        plain, projected = self._decay(group)
+        if plain != 1.0:
+            factors = decay_factors(passed, plain, projected, params[0])
+            scalar_idx = []
+            for i, f in enumerate(factors):  # 0-d tensor factors: no host sync
+                if isinstance(f, Tensor) or not foreach:
+                    params[i].mul_(f)
+                else:
+                    scalar_idx.append(i)
+            if scalar_idx:
+                torch._foreach_mul_([params[i] for i in scalar_idx], plain)
+        if not foreach:
+            for p, u, size in zip(params, updates, step_sizes):
+                p.add_(u, alpha=-size)
+        elif len(set(step_sizes)) == 1:
+            torch._foreach_add_(params, updates, alpha=-step_sizes[0])
+        else:  # differing step counts (a param got its first grad later)
+            torch._foreach_add_(params, torch._foreach_mul(updates, [-s for s in step_sizes]))
+        return updates
+
+
+@register("adamp")
+class AdamP(_ProjectedOptimizer):
+    r"""AdamP: Adam with the update projected off the weight direction when the weight is
+    scale-invariant, and decoupled weight decay reduced by ``wd_ratio`` when it is.
+
+    .. math::
+        \begin{aligned}
+            &\textbf{for } t = 1, 2, \ldots \textbf{ do} \\
+            &\hspace{5mm} g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+                \ (\text{negated if maximize}) \\
+            &\hspace{5mm} m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad
+                v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+            &\hspace{5mm} d_t \leftarrow \sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon \\
+            &\hspace{5mm} u_t \leftarrow m_t / d_t \quad
+                (\text{nesterov: } (\beta_1 m_t + (1 - \beta_1) g_t) / d_t) \\
+            &\hspace{5mm} (u_t, r) \leftarrow \operatorname{proj}(\theta_{t-1}, g_t, u_t;
+                \delta, \text{wd\_ratio}) \ \text{if } \theta.\text{ndim} > 1
+                \text{ else } (u_t, 1) \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1} (1 - \gamma \lambda r)
+                - \frac{\gamma}{1 - \beta_1^t} u_t
+        \end{aligned}
+
+    {ref}
+
+    ``fused=True`` runs a ``torch.compile``'d kernel per group of same-shaped tensors (the
+    projection's data-dependent choice is a ``torch.where``, so no host sync); compiled once,
+    hyperparameters passed as tensors so lr schedules do not recompile.
+    State per parameter: ``step`` (float32 CPU scalar tensor), ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    _name = "AdamP"
+
+    def __init__(self, params: Iterable[Any], lr: float | Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1,
+                 nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, fused: bool | None = None) -> None:
+        check_lr(lr)
+        check_betas(betas)
+        check_eps(eps)
+        check_non_negative("weight_decay", weight_decay)
+        check_non_negative("delta", delta)
+        check_in_interval("wd_ratio", wd_ratio, 0.0, 1.0, closed_high=True)
+        check_impl_flags(foreach, fused, False)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
+                        wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    def _decay(self, group: dict) -> tuple[float, float]:
+        lr_wd = float(group["lr"]) * group["weight_decay"]
+        return 1.0 - lr_wd, 1.0 - lr_wd * group["wd_ratio"]
+
+    def _init_state(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
+        steps, exp_avgs, exp_avg_sqs = [], [], []
+        for p in params:
+            state = self.state[p]
+            steps.append(step_counter(state, p))
+            init_adam_state(state, p)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+        return steps, exp_avgs, exp_avg_sqs
+
+    def _loop(self, group: dict, params: list[Tensor], grads: list[Tensor],
+              steps: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> None:
+        lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
+        step_values = _fused.advance_packed_steps(self, params)
+        grads = maybe_negate(grads, group["maximize"], False)
+        updates = []
+        for g, step, m, v in zip(grads, step_values, exp_avgs, exp_avg_sqs):
+            m.lerp_(g, 1.0 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            denom = v.sqrt().div_(math.sqrt(1.0 - beta2**step)).add_(eps)
+            u = torch.lerp(m, g, 1.0 - beta1).div_(denom) if group["nesterov"] else m / denom
+            updates.append(u)
+        sizes = [lr / (1.0 - beta1**s) for s in step_values]
+        self._finish(group, params, grads, updates, sizes, foreach=False)
+
+    def _foreach(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                 steps: list[Tensor], exp_avgs: list[Tensor],
+                 exp_avg_sqs: list[Tensor]) -> None:
+        lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
+        step_values = _fused.advance_packed_steps(self, params)
+        grads = maybe_negate(grads, group["maximize"], True)
+        update_adam_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2, True)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**s) for s in step_values])
+        torch._foreach_add_(denom, eps)
+        if group["nesterov"]:
+            updates = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
+            torch._foreach_div_(updates, denom)
+        else:
+            updates = list(torch._foreach_div(exp_avgs, denom))
+        step_sizes = [lr / (1.0 - beta1**s) for s in step_values]
+        self._finish(group, params, grads, updates, step_sizes, foreach=True)
+
+    def _fused(self, group: dict, params: list[Tensor], grads: list[Tensor],
+               steps: list[Tensor], exp_avgs: list[Tensor],
+               exp_avg_sqs: list[Tensor]) -> None:
+        lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
+        plain, projected = self._decay(group)
+        kernel = _fused.compiled(_adamp_kernel)
+        rows = [p.ndim > 1 for p in params]
+        step_values = _fused.advance_packed_steps(self, params)
+        for step, idx in _fused.indices_by_value(step_values).items():
+            s = _fused.scalars((-1.0 if group["maximize"] else 1.0, 1.0 - beta1, beta2,
+                                1.0 - beta2, math.sqrt(1.0 - beta2**step), eps,
+                                -lr / (1.0 - beta1**step), group["delta"] ** 2, plain,
+                                projected), params[0])
+            _fused.apply_rows(self, kernel, params, grads, ("exp_avg", "exp_avg_sq"), rows, s,
+                              group["nesterov"], indices=idx)
+
+
+def _project_and_step(p: Tensor, g: Tensor, u: Tensor, eps: Tensor, delta_sq: Tensor,
+                      plain: Tensor, projected: Tensor, neg_step: Tensor, rows: bool) -> Tensor:
+    """Kernel tail shared by AdamP and SGDP (tensors are ``(N, C, D)``); returns final ``u``."""
+    factor = plain
+    if rows:
+        u, ok = project(p, g, u, delta_sq, eps)
+        factor = torch.where(ok, projected, plain).view(-1, 1, 1)
+    p.copy_(p * factor + neg_step * u)
+    return u
+
+
+def _adamp_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, nesterov: bool,
+                  *, rows: bool) -> None:
+    """Fused AdamP; ``s`` = (sign, 1-β1, β2, 1-β2, √bc2, eps, -lr/bc1, δ², decay, decay_proj)."""
+    g = g * s[0]
+    m_new = m + (g - m) * s[1]
+    v_new = v * s[2] + g * g * s[3]
+    num = m_new + (g - m_new) * s[1] if nesterov else m_new
+    u = num / (v_new.sqrt() / s[4] + s[5])
+    m.copy_(m_new)
+    v.copy_(v_new)
+    _project_and_step(p, g, u, s[5], s[7], s[8], s[9], s[6], rows)
+
+
+@register("sgdp")
+class SGDP(_ProjectedOptimizer):
+    r"""SGDP: SGD with momentum whose update is projected off the weight direction when the
+    weight is scale-invariant, with decoupled weight decay reduced by ``wd_ratio`` then.
+
+    .. math::
+        \begin{aligned}
+            &\textbf{for } t = 1, 2, \ldots \textbf{ do} \quad (b_0 = 0) \\
+            &\hspace{5mm} g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+                \ (\text{negated if maximize}) \\
+            &\hspace{5mm} b_t \leftarrow \mu b_{t-1} + (1 - \tau) g_t \\
+            &\hspace{5mm} d_t \leftarrow g_t + \mu b_t \text{ if nesterov else } b_t \\
+            &\hspace{5mm} (d_t, r) \leftarrow \operatorname{proj}(\theta_{t-1}, g_t, d_t;
+                \delta, \text{wd\_ratio}) \ \text{if } \theta.\text{ndim} > 1
+                \text{ else } (d_t, 1) \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1}
+                \Big(1 - \frac{\gamma \lambda r}{1 - \mu}\Big) - \gamma d_t
+        \end{aligned}
+
+    {ref}
+
+    Unlike ``torch.optim.SGD`` the momentum buffer starts at zero (so the first step is
+    :math:`(1 - \tau) g_1`) and exists even with ``momentum=0``; note the :math:`1/(1-\mu)`
+    decay factor. ``lr`` is required, as in the reference. As in the authors' ``sgdp.py``
+    (which projects the buffer tensor in place), with ``nesterov=False`` a projected step also
+    stores the projected direction as the momentum buffer (the paper's algorithm keeps the
+    unprojected buffer; we follow the code that produced the published results).
+    Choice: like ``torch.optim.SGD``, ``nesterov=True`` requires ``momentum > 0`` and
+    ``dampening = 0`` (ValueError otherwise).
+    State per parameter: ``momentum_buffer``.
+    """
+
+    _name = "SGDP"
+
+    def __init__(self, params: Iterable[Any], lr: float | Tensor, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+                 eps: float = 1e-8, delta: float = 0.1, wd_ratio: float = 0.1, *,
+                 maximize: bool = False, foreach: bool | None = None,
+                 fused: bool | None = None) -> None:
+        check_lr(lr)
+        check_in_interval("momentum", momentum, 0.0, 1.0)
+        check_in_interval("dampening", dampening, 0.0, 1.0, closed_high=True)
+        check_non_negative("weight_decay", weight_decay)
+        check_eps(eps)
+        check_non_negative("delta", delta)
+        check_in_interval("wd_ratio", wd_ratio, 0.0, 1.0, closed_high=True)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        check_impl_flags(foreach, fused, False)
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, eps=eps, delta=delta,
+                        wd_ratio=wd_ratio, maximize=maximize, foreach=foreach, fused=fused)
+        super().__init__(params, defaults)
+
+    def _decay(self, group: dict) -> tuple[float, float]:
+        lr_wd = float(group["lr"]) * group["weight_decay"] / (1.0 - group["momentum"])
+        return 1.0 - lr_wd, 1.0 - lr_wd * group["wd_ratio"]
+
+    def _init_state(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
+        bufs = []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p,
+                                                            memory_format=torch.preserve_format)
+            bufs.append(state["momentum_buffer"])
+        return (bufs,)
+
+    def _loop(self, group: dict, params: list[Tensor], grads: list[Tensor],
+              bufs: list[Tensor]) -> None:
+        self._sgdp(group, params, grads, bufs, foreach=False)
+
+    def _foreach(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                 bufs: list[Tensor]) -> None:
+        self._sgdp(group, params, grads, bufs, foreach=True)
+
+    def _sgdp(self, group: dict, params: list[Tensor], grads: list[Tensor],
+              bufs: list[Tensor], foreach: bool) -> None:
+        mu, damp, nesterov = group["momentum"], group["dampening"], group["nesterov"]
+        grads = maybe_negate(grads, group["maximize"], foreach)
+        if foreach:
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads, alpha=1.0 - damp)
+            updates = list(torch._foreach_add(grads, bufs, alpha=mu)) if nesterov else bufs
+        else:
+            for g, buf in zip(grads, bufs):
+                buf.mul_(mu).add_(g, alpha=1.0 - damp)
+            updates = [g.add(b, alpha=mu) for g, b in zip(grads, bufs)] if nesterov else bufs
+        # without nesterov the update IS the buffer: as in the reference, it gets projected
+        updates = self._finish(group, params, grads, updates,
+                               [float(group["lr"])] * len(params), foreach)
+        if not nesterov:
+            for buf, u in zip(bufs, updates):
+                if u.data_ptr() != buf.data_ptr():  # small ones were projected in a stack
+                    buf.copy_(u)
+
+    def _fused(self, group: dict, params: list[Tensor], grads: list[Tensor],
+               bufs: list[Tensor]) -> None:
+        plain, projected = self._decay(group)
+        s = _fused.scalars((-1.0 if group["maximize"] else 1.0, group["momentum"],
+                            1.0 - group["dampening"], group["eps"], group["delta"] ** 2, plain,
+                            projected, -float(group["lr"])), params[0])
+        _fused.apply_rows(self, _fused.compiled(_sgdp_kernel), params, grads,
+                          ("momentum_buffer",), [p.ndim > 1 for p in params], s,
+                          group["nesterov"])
+
+
+def _sgdp_kernel(p: Tensor, g: Tensor, buf: Tensor, s: Tensor, nesterov: bool, *,
+                 rows: bool) -> None:
+    """Fused SGDP; ``s`` = (sign, μ, 1-dampening, eps, δ², decay, decay_proj, -lr)."""
+    g = g * s[0]
+    b = buf * s[1] + g * s[2]
+    d = g + b * s[1] if nesterov else b
+    d = _project_and_step(p, g, d, s[3], s[4], s[5], s[6], s[7], rows)
+    buf.copy_(b if nesterov else d)  # the reference projects the buffer itself in place
+
+
+AdamP.__doc__ = (AdamP.__doc__ or "").replace("{ref}", _REF.format(file="adamp/adamp.py"))
+SGDP.__doc__ = (SGDP.__doc__ or "").replace("{ref}", _REF.format(file="adamp/sgdp.py"))

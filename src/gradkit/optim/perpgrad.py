@@ -1,0 +1,97 @@
+"""⊥Grad (PerpGrad / OrthoGrad): step on the gradient component orthogonal to the weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gradkit.optim._base import evaluate_closure, group_gradients
+from gradkit.optim._registry import register
+from gradkit.optim._wrapper import WrapperOptimizer, build_base
+
+_TINY = 1e-30
+
+
+def orthogonal_gradients(params: list[Tensor], grads: list[Tensor], *,
+                         foreach: bool = False) -> list[Tensor]:
+    """Per tensor: ``g⊥ = g − <w,g>/(<w,w>+1e-30)·w`` rescaled to ``||g||`` (new tensors)."""
+    dots = [torch.dot(w.reshape(-1), g.reshape(-1)) for w, g in zip(params, grads)]
+    if foreach:
+        w_sq = torch._foreach_norm(params)
+        coefs = torch._foreach_div(dots, torch._foreach_add(torch._foreach_mul(w_sq, w_sq),
+                                                            _TINY))
+        perp = torch._foreach_sub(grads, torch._foreach_mul(params, coefs))
+        scales = torch._foreach_div(torch._foreach_norm(grads),
+                                    torch._foreach_add(torch._foreach_norm(perp), _TINY))
+        torch._foreach_mul_(perp, scales)
+        return list(perp)
+    out = []
+    for w, g, dot in zip(params, grads, dots):
+        w_sq = torch.dot(w.reshape(-1), w.reshape(-1))
+        perp = g - (dot / (w_sq + _TINY)) * w
+        perp.mul_(torch.linalg.vector_norm(g) / (torch.linalg.vector_norm(perp) + _TINY))
+        out.append(perp)
+    return out
+
+
+@register("perpgrad")
+class PerpGrad(WrapperOptimizer):
+    r"""⊥Grad: any base optimizer stepping on gradients projected orthogonal to the weights.
+
+    .. math::
+        \begin{aligned}
+            &\textbf{for each parameter tensor } w \text{ (flattened), gradient } g:\\
+            &\quad g_\perp \leftarrow g - \frac{\langle w, g\rangle}{\langle w, w\rangle
+                + 10^{-30}}\, w, \qquad
+                \tilde g \leftarrow g_\perp\, \frac{\lVert g\rVert}{\lVert g_\perp\rVert
+                + 10^{-30}}\\
+            &\text{base optimizer step with gradients } \tilde g
+        \end{aligned}
+
+    Paper: L. Prieto, M. Barsbey, P. Mediano, T. Birdal, "Grokking at the Edge of Numerical
+    Stability" (ICLR 2025). Reference matched: ``LucasPrietoAl/grokking-at-the-edge-of-
+    numerical-stability`` ``orthograd.py`` (projection per tensor, biases included, rescaled
+    to the original norm, ``1e-30`` guards; ``w = 0`` leaves ``g`` unchanged).
+
+    **p.grad is not modified** (choice): the reference overwrites ``p.grad`` with the
+    projected gradient; here the projected gradient is handed to the base optimizer for the
+    duration of its step and the user's gradient tensor is put back, so after ``step()``
+    ``p.grad`` is the same tensor with the same values as before.
+
+    A wrapper: ``param_groups`` and ``state`` are the base optimizer's live objects (lr
+    schedulers on the wrapper change the base lr; ``state_dict`` is the base's)::
+
+        opt = PerpGrad(model.parameters(), base="sgd", lr=1e-2, momentum=0.8)
+        opt = PerpGrad(base=torch.optim.AdamW(model.parameters(), lr=1e-3))
+
+    Args:
+        params: parameters or groups (``None`` when ``base`` is an optimizer instance).
+        base: registry name (``"sgd"``, ``"adamw"``, ...), optimizer class, or instance.
+        perp_foreach: projection with ``torch._foreach_*`` (None: torch's auto rule); kept
+            apart from the base optimizer's own ``foreach`` flag.
+        **base_kwargs: arguments of the base optimizer (``lr``, ``momentum``, ``foreach``...).
+    """
+
+    def __init__(self, params: Any = None, base: Any = "sgd", *,
+                 perp_foreach: bool | None = None, **base_kwargs: Any) -> None:
+        inner = build_base(params, base, base_kwargs, "PerpGrad")
+        super().__init__(inner, {"perp_foreach": perp_foreach})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = evaluate_closure(closure)
+        saved: list[tuple[Tensor, Tensor]] = []
+        try:
+            for group in self.param_groups:
+                params, grads, foreach = group_gradients("PerpGrad", group, negate=False,
+                                                         foreach_key="perp_foreach")
+                for p, g in zip(params, orthogonal_gradients(params, grads, foreach=foreach)):
+                    saved.append((p, p.grad))
+                    p.grad = g
+            self.base.step()
+        finally:
+            for p, g in saved:
+                p.grad = g
+        return loss
