@@ -54,6 +54,18 @@ DEFAULT_TABLE: tuple[TableEntry, ...] = (
     # (3e-4 / 0.02), so tuning also tunes the AdamW part (all of it on 1-D workloads).
     TableEntry("muon", (2e-3, 2.0), param_groups="gradkit.optim:muon_param_groups",
                tied={"adamw_lr": 0.015}),
+    # Drop-Muon: one layer per module that owns parameters, the same tied AdamW lr as Muon.
+    TableEntry("dropmuon", (2e-3, 2.0), param_groups="gradkit.optim:drop_muon_layer_groups",
+               tied={"adamw_lr": 0.015}),
+    # AdaGrad-Norm's step is scale-free (lr / b with b the norm of the summed squared
+    # gradient norms), so its lr is a distance: a wider range, same number of decades + 1.
+    TableEntry("adagradnorm", (1e-3, 10.0)),
+    # Wrappers share the SGD baseline's base configuration (momentum 0.9), so the comparison
+    # isolates what the wrapper adds. SAM costs two gradients per step: the seconds-based
+    # score shows that price, the step-based score does not.
+    TableEntry("sam", (1e-3, 1.0), {"base": "sgd", "momentum": 0.9, "rho": 0.05}),
+    TableEntry("perpgrad", (1e-3, 1.0), {"base": "sgd", "momentum": 0.9}),
+    TableEntry("rm3", (1e-3, 1.0)),
 )
 _TABLE = {entry.name: entry for entry in DEFAULT_TABLE}
 
