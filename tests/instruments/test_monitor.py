@@ -321,3 +321,72 @@ def test_per_example_losses_fast_path_equals_vmap_path():
     torch.testing.assert_close(
         per_example_losses(nn.Identity(), weighted, logits, labels),
         torch.stack([weighted(logits[i:i + 1], labels[i:i + 1]) for i in range(6)]))
+
+
+def _run_loss_steps(mon, model, x, y, steps, *, step=None):
+    for t in steps:
+        model.zero_grad()
+        loss = ce(model(x), y)
+        loss.backward()
+        with mon.step((x, y), loss=loss, step=None if step is None else t) as handle:
+            assert handle.record["step"] == t
+
+
+def test_cached_idle_steps_follow_schedule_changes_custom_schedules_and_explicit_steps():
+    class Odd(Instrument):  # a custom schedule: asked at every step
+        name = "odd"
+        touches_model = False
+
+        def due(self, step):
+            return step % 2 == 1
+
+        def measure(self, ctx):
+            return {"odd": ctx.step}
+
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    loss_ins = Loss(every=10)
+    mon = Monitor(model, ce, instruments=[loss_ins, Odd()])
+    _run_loss_steps(mon, model, x, y, range(6))
+    loss_ins.every = 3  # changed between two due steps: the cached idle range is re-planned
+    _run_loss_steps(mon, model, x, y, range(6, 13))
+    loss_ins.start = 20
+    _run_loss_steps(mon, model, x, y, range(13, 22))
+    _run_loss_steps(mon, model, x, y, [3, 0, 20], step=True)  # explicit steps, backwards
+    mon.flush()
+    assert mon.series("loss")[0] == [0, 6, 9, 12, 20, 20]
+    assert mon.series("odd")[0] == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 3]
+
+
+def test_next_due_matches_due():
+    for every, start in [(1, 0), (25, 0), (7, 3), (1000, 1000)]:
+        ins = Loss(every=every, start=start)
+        for t in range(0, 2100, 1 if every < 100 else 37):
+            expected = next(s for s in range(t, t + every + start + 1) if ins.due(s))
+            assert ins.next_due(t) == expected, (every, start, t)
+    assert OpposingSignals().next_due(0) == 0
+
+
+def test_update_size_instrument_equals_the_standalone_functions_bitwise():
+    from gradkit.instruments import basic
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    with torch.no_grad():
+        model[2].bias.zero_()  # an all-zero tensor that moves: ratio inf
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    mon = Monitor(model, ce, opt, instruments=[UpdateSize(every=1)])
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        opt.zero_grad()
+        ce(model(x), y).backward()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        with mon.step((x, y)) as handle:
+            opt.step()
+        after = dict(model.named_parameters())
+        rec = handle.record
+        assert rec["update_size"] == basic.update_size(before, after)
+        assert rec["update_ratio"] == basic.update_ratio(before, after)
+        layers = basic.layer_update_ratios(before, after)
+        assert {n: rec[f"update_ratio/{n}"] for n in layers} == layers
+    assert mon.history[0]["update_ratio/2.bias"] == float("inf")

@@ -132,3 +132,29 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     with pytest.raises(MissingExtraError, match=r"pip install 'gradkit\[plot\]'"):
         plot(tmp_path / "run", tmp_path / "a.png")
+
+
+def test_records_reach_both_files_at_each_flush_interval(tmp_path):
+    from gradkit.instruments.records import RunWriter
+
+    writer = RunWriter(tmp_path, flush_every=3)
+
+    def on_disk():
+        lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+        with sqlite3.connect(tmp_path / "metrics.sqlite") as db:
+            rows = db.execute("SELECT step, name, value, json FROM records").fetchall()
+        return [json.loads(line)["step"] for line in lines], rows
+
+    record = {"step": 0, "loss": 1.0, "idx": [1, 2]}
+    writer.write(record)
+    record["loss"] = 9.0  # the writer keeps its own copy of each record
+    writer.write({"step": 1, "loss": 1.0, "idx": [1, 2]})
+    assert on_disk() == ([], [])
+    writer.write({"step": 2, "loss": float("inf")})
+    steps, rows = on_disk()
+    assert steps == [0, 1, 2]
+    assert rows == [(0, "loss", 1.0, None), (0, "idx", None, "[1, 2]"),
+                    (1, "loss", 1.0, None), (1, "idx", None, "[1, 2]"), (2, "loss", None, None)]
+    writer.write({"step": 3, "loss": 2.0})
+    writer.close()
+    assert on_disk()[0] == [0, 1, 2, 3]

@@ -25,6 +25,24 @@ if TYPE_CHECKING:
     from .monitor import Monitor
 
 
+#: bumped whenever an instrument's ``every`` or ``start`` changes (see Monitor.step)
+SCHEDULE_VERSION = [0]
+
+
+class _ScheduleField:
+    """A schedule attribute (``every``/``start``) whose assignment bumps SCHEDULE_VERSION."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        return self if obj is None else getattr(obj, self.slot)
+
+    def __set__(self, obj: Any, value: int) -> None:
+        setattr(obj, self.slot, value)
+        SCHEDULE_VERSION[0] += 1
+
+
 class Instrument:
     """Base class: a named measurement on a schedule (runs when ``step ≥ start`` and
     ``(step − start) % every == 0``)."""
@@ -40,11 +58,27 @@ class Instrument:
             raise ValueError(f"Invalid every: {every} (a positive number of steps)")
         if not isinstance(start, int) or start < 0:
             raise ValueError(f"Invalid start: {start}")
-        self.every = every
-        self.start = start
+        self._every = every
+        self._start = start
+
+    # ``every`` / ``start`` bump ``SCHEDULE_VERSION`` when set: the Monitor caches the next
+    # step at which a standard schedule is due and re-plans after any change
+    every = _ScheduleField()
+    start = _ScheduleField()
 
     def due(self, step: int) -> bool:
         return step >= self.start and (step - self.start) % self.every == 0
+
+    def next_due(self, step: int) -> int | None:
+        """The first step ``>= step`` at which :meth:`due` holds, or ``None`` when this
+        instrument overrides :meth:`due` or the schedule properties (the Monitor then asks
+        :meth:`due` at every step)."""
+        cls = type(self)
+        if cls.due is not Instrument.due or cls.every is not Instrument.every or \
+                cls.start is not Instrument.start:
+            return None
+        start, every = self._start, self._every
+        return start if step <= start else start - (start - step) // every * every
 
     def measure(self, ctx: StepContext) -> dict[str, Any]:
         raise NotImplementedError
@@ -114,7 +148,7 @@ class StepContext:
     def params(self) -> dict[str, Tensor]:
         """The trainable parameters (live tensors; never modified)."""
         return self._cached("params", lambda: {
-            n: p for n, p in self.model.named_parameters() if p.requires_grad})
+            n: p for n, p in self.monitor._named_params if p.requires_grad})
 
     def grads(self) -> dict[str, Tensor]:
         """The gradient at this step: the ``p.grad`` the optimizer is about to use when any

@@ -62,11 +62,19 @@ class UpdateSize(Instrument):
 
     def measure_after(self, ctx: StepContext) -> dict[str, Any]:
         before = ctx._cache.pop("update_before")
-        after = {n: p.detach() for n, p in ctx.params().items()}
-        out = {"update_size": basic.update_size(before, after),
-               "update_ratio": basic.update_ratio(before, after)}
-        out.update({f"update_ratio/{n}": v
-                    for n, v in basic.layer_update_ratios(before, after).items()})
+        names = list(before)
+        params = ctx.params()
+        # the values of basic.update_size / update_ratio / layer_update_ratios, computed with
+        # one subtraction and two norm passes, read back with a single synchronisation
+        diffs = torch._foreach_sub([params[n].detach() for n in names],
+                                   [before[n] for n in names])
+        num = torch.stack(torch._foreach_norm(diffs))
+        den = torch.stack(torch._foreach_norm([before[n] for n in names]))
+        size, weight = torch.linalg.vector_norm(num), torch.linalg.vector_norm(den)
+        size_f, weight_f, *layers = torch.cat([size[None], weight[None], num / den]).tolist()
+        out = {"update_size": size_f,
+               "update_ratio": size_f / weight_f if weight_f > 0 else float("inf")}
+        out.update({f"update_ratio/{n}": v for n, v in zip(names, layers)})
         return out
 
 
@@ -357,10 +365,10 @@ def default_instruments(optimizer: torch.optim.Optimizer | None = None, *,
     ============================================  =======  =====  ==========================
     instruments                                   every    start  cost/call (training steps)
     ============================================  =======  =====  ==========================
-    loss, gradient norm                           25       0      ~0.02, ~0.2
-    layer norms, update, NLM alignment, logits    100      0      ~0.1-0.4 each
-    coherence, noise scale, SNR (shared           500      0      ~10 together,
-    per-example gradients), opposing signals                      ~1.5
+    loss, gradient norm                           25       0      ~0.02, ~0.1
+    layer norms, update, NLM alignment, logits    100      0      ~0.05-0.6 each
+    coherence, noise scale, SNR (shared           500      0      ~9 together,
+    per-example gradients), opposing signals                      ~1
     sharpness (warm-started Lanczos), Hessian     1000     1000   ~10-30 each
     trace (10 probes), Adam's preconditioned
     sharpness

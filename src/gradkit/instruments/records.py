@@ -7,8 +7,9 @@ SQLite schema::
                                                               -- json for lists/strings
     meta(key TEXT PRIMARY KEY, value TEXT)
 
-Rows are written in one transaction per flush (every ``flush_every`` records and on close),
-in WAL mode with ``synchronous=NORMAL`` (no fsync per commit).
+Records are buffered and serialised at each flush (every ``flush_every`` records and on
+close): JSONL lines in one write, SQLite rows in one transaction, in WAL mode with
+``synchronous=NORMAL`` (no fsync per commit).
 Non-finite floats are stored as NULL / JSON ``null``.
 """
 
@@ -69,35 +70,38 @@ class RunWriter:
                                  "(key TEXT PRIMARY KEY, value TEXT)")
                 self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                      list((meta or {}).items()))
-        self._rows: list[tuple[int, str, float | None, str | None]] = []
-        self._pending = 0
+        self._records: list[dict[str, Any]] = []
 
     def write(self, record: Mapping[str, Any]) -> None:
-        step = int(record["step"])
-        clean = {k: _clean(v) for k, v in record.items()}
-        if self._jsonl is not None:
-            self._jsonl.write(json.dumps(clean) + "\n")
-        for name, v in clean.items():
-            if name == "step":
-                continue
-            if isinstance(v, bool) or not isinstance(v, int | float | type(None)):
-                self._rows.append((step, name, None, json.dumps(v)))
-            else:
-                self._rows.append((step, name, v, None))
-                if self._tb is not None and v is not None:
-                    self._tb.add_scalar(name, v, step)
-        self._pending += 1
-        if self._pending >= self.flush_every:
+        """Buffer one record (a shallow copy); serialised and written at the next flush."""
+        int(record["step"])  # fail here, not at the flush, on a record without a step
+        self._records.append(dict(record))
+        if len(self._records) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
+        records, self._records = self._records, []
+        lines: list[str] = []
+        rows: list[tuple[int, str, float | None, str | None]] = []
+        for record in records:
+            step = int(record["step"])
+            clean = {k: _clean(v) for k, v in record.items()}
+            lines.append(json.dumps(clean) + "\n")
+            for name, v in clean.items():
+                if name == "step":
+                    continue
+                if isinstance(v, bool) or not isinstance(v, int | float | type(None)):
+                    rows.append((step, name, None, json.dumps(v)))
+                else:
+                    rows.append((step, name, v, None))
+                    if self._tb is not None and v is not None:
+                        self._tb.add_scalar(name, v, step)
         if self._jsonl is not None:
+            self._jsonl.write("".join(lines))
             self._jsonl.flush()
-        if self._db is not None and self._rows:
+        if self._db is not None and rows:
             with self._db:  # one transaction
-                self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?)", self._rows)
-        self._rows.clear()
-        self._pending = 0
+                self._db.executemany("INSERT INTO records VALUES (?, ?, ?, ?)", rows)
         if self._tb is not None:
             self._tb.flush()
 
