@@ -1,7 +1,9 @@
 """Curvature benchmark: gradkit.curvature against PyHessian on scikit-learn digits.
 
-Run: ``.venv/bin/python benchmarks/hessian.py`` (about 10 minutes on 2 CPU cores;
-``--quick`` for a smoke run). Prints measured figures only; nothing is asserted.
+Run: ``OMP_NUM_THREADS=1 .venv/bin/python -W ignore benchmarks/hessian.py --threads 1``
+(about 20 minutes, most of it the CNN's dense float64 truth; ``--no-dense`` skips it,
+``--sections top1,hvp`` runs a subset, ``--quick`` is a smoke run). Prints measured figures
+only; nothing is asserted.
 
 Setup: all 1,797 digits examples (the dataset has no more), a tanh MLP 64-300-300-10
 (112,810 parameters) and a small CNN, each trained briefly with Adam so the spectrum is
@@ -12,10 +14,14 @@ caches the same graph. Truth: gradkit Lanczos in float64 to tol 1e-10 (CNN: also
 float64 Hessian from ``to_dense()``).
 
 1. Top eigenvalue to 1e-3 relative error: gradkit ``lanczos(tol=1e-3)`` (its residual test
-   bounds the relative error) vs PyHessian ``eigenvalues(top_n=1)`` at its default
-   (``maxIter=100, tol=1e-3``, a test on the change of the Rayleigh quotient) and at tighter
-   ``tol``; the cheapest PyHessian setting whose median error is <= 1e-3 is the comparator
-   (chosen with knowledge of the truth, which favours PyHessian). Median over seeds.
+   bounds the relative error; default start = loss gradient + 0.1 x random, the gradient
+   being a by-product of the cached graph both tools build; the wall time includes building
+   the operator) vs PyHessian ``eigenvalues(top_n=1)`` at its default (``maxIter=100,
+   tol=1e-3``, a test on the change of the Rayleigh quotient) and at tighter ``tol``.
+   "Reaches 1e-3" means the MAX relative error over all seeds is <= 1e-3, for both tools;
+   the comparator is the cheapest PyHessian ``tol`` that reaches it (chosen with knowledge
+   of the truth, which favours PyHessian). Ratios are printed from the medians over seeds
+   and from the maxima over seeds (worst gradkit run / worst PyHessian run).
 2. Top-10 likewise (error = largest relative error of the 10).
 3. Trace to 1% relative error: root-mean-square relative error over seeds of Hutch++ at
    several budgets vs the running mean of PyHessian's ``trace()`` Hutchinson samples (plus
@@ -32,7 +38,6 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.benchmark import Timer
 
 import gradkit.curvature as C
 
@@ -110,11 +115,11 @@ def run_pyhessian_top(model, X, y, k, seed, tol, max_iter):
     return torch.tensor(sorted(vals, reverse=True), dtype=torch.float64), counter["n"], seconds
 
 
-def run_gradkit_top(model, X, y, k, seed, tol):
+def run_gradkit_top(model, X, y, k, seed, tol, v0=None):
     t0 = time.perf_counter()
     op = C.HessianOperator(model, nn.functional.cross_entropy, (X, y))
     vals, _, info = C.lanczos(op, k, tol=tol, generator=torch.Generator().manual_seed(seed),
-                              return_info=True)
+                              v0=v0, return_info=True)
     seconds = time.perf_counter() - t0
     return vals.to(torch.float64), info.num_matvecs, seconds
 
@@ -122,7 +127,7 @@ def run_gradkit_top(model, X, y, k, seed, tol):
 def truth(model, X, y, k, dense: bool):
     op = C.HessianOperator(model, nn.functional.cross_entropy, (X, y), dtype=torch.float64)
     vals, _ = C.lanczos(op, k, tol=1e-10, generator=torch.Generator().manual_seed(123),
-                        max_iter=5000)
+                        v0="random", max_iter=5000)  # independent of gradkit's default start
     out = {"top": vals}
     if dense:
         Hd = op.to_dense()
@@ -137,38 +142,49 @@ def rel_err(est: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_top(name, model, X, y, ref, k, seeds, py_tols):
-    print(f"\n[{name}] top-{k} eigenvalue(s) to 1e-3 relative error; truth top-1 = "
-          f"{float(ref[0]):.6g}" + (f", top-{k} = {float(ref[k - 1]):.6g}" if k > 1 else ""))
-    rows = {"gradkit lanczos tol=1e-3": []}
+    print(f"\n[{name}] top-{k} eigenvalue(s) to 1e-3 relative error over {len(seeds)} seeds; "
+          f"truth top-1 = {float(ref[0]):.6g}"
+          + (f", top-{k} = {float(ref[k - 1]):.6g}" if k > 1 else ""))
+    gk = "gradkit lanczos tol=1e-3"
+    rows = {gk: [], "gradkit, random start": []}
     rows.update({f"pyhessian tol={tol:g}": [] for tol in py_tols})
-    for s in seeds:  # interleaved, so load drift hits both tools alike
-        rows["gradkit lanczos tol=1e-3"].append(run_gradkit_top(model, X, y, k, s, 1e-3))
-        for tol in py_tols:
-            rows[f"pyhessian tol={tol:g}"].append(
-                run_pyhessian_top(model, X, y, k, s, tol, 1000 if tol < 1e-3 else 100))
+    for i, s in enumerate(seeds):  # interleaved, order alternating: load drift hits all alike
+        runs = [(gk, lambda s=s: run_gradkit_top(model, X, y, k, s, 1e-3)),
+                ("gradkit, random start",
+                 lambda s=s: run_gradkit_top(model, X, y, k, s, 1e-3, v0="random"))]
+        runs += [(f"pyhessian tol={tol:g}", lambda s=s, tol=tol: run_pyhessian_top(
+            model, X, y, k, s, tol, 1000 if tol < 1e-3 else 100)) for tol in py_tols]
+        for label, run in runs if i % 2 == 0 else runs[::-1]:
+            rows[label].append(run())
     summary = {}
-    print(f"  {'method':28s} {'median err':>11s} {'max err':>9s} {'HVPs':>6s} {'seconds':>8s}")
+    print(f"  {'method':26s} {'median err':>10s} {'max err':>9s} {'HVPs med/max':>13s} "
+          f"{'seconds med/max':>16s}")
     for label, runs in rows.items():
         errs = [rel_err(v, ref[:k]) for v, _, _ in runs]
-        mv = statistics.median(r[1] for r in runs)
-        sec = statistics.median(r[2] for r in runs)
-        summary[label] = (statistics.median(errs), mv, sec)
-        print(f"  {label:28s} {statistics.median(errs):11.2e} {max(errs):9.2e} {mv:6.0f} "
-              f"{sec:8.3f}")
-    ok = [(lbl, s) for lbl, s in summary.items() if lbl.startswith("pyhessian") and s[0] <= 1e-3]
-    g_err, g_mv, g_sec = summary["gradkit lanczos tol=1e-3"]
+        mvs, secs = [r[1] for r in runs], [r[2] for r in runs]
+        summary[label] = dict(err=max(errs), mv=(statistics.median(mvs), max(mvs)),
+                              sec=(statistics.median(secs), max(secs)))
+        print(f"  {label:26s} {statistics.median(errs):10.2e} {max(errs):9.2e} "
+              f"{statistics.median(mvs):6.0f}/{max(mvs):<6.0f} "
+              f"{statistics.median(secs):7.3f}/{max(secs):<8.3f}")
+    g = summary[gk]
+    print(f"  -> gradkit max error {g['err']:.2e} "
+          f"({'reaches' if g['err'] <= 1e-3 else 'does NOT reach'} 1e-3 on every seed)")
+    ok = [(lbl, s) for lbl, s in summary.items() if lbl.startswith("pyhessian")
+          and s["err"] <= 1e-3]
     if ok:
-        lbl, (_, p_mv, p_sec) = min(ok, key=lambda t: t[1][1])
-        print(f"  -> comparator: {lbl}; gradkit/PyHessian HVP ratio {g_mv / p_mv:.2f}, "
-              f"wall-time ratio {g_sec / p_sec:.2f} (target <= 0.5 for both)")
+        lbl, p = min(ok, key=lambda t: (t[1]["mv"][0], t[1]["sec"][0]))
+        for i, kind in enumerate(("median", "max")):
+            print(f"  -> comparator {lbl} (cheapest reaching 1e-3 on every seed), {kind}s: "
+                  f"HVP ratio {g['mv'][i] / p['mv'][i]:.2f}, wall-time ratio "
+                  f"{g['sec'][i] / p['sec'][i]:.2f} (target <= 0.5 for both)")
     else:
-        print("  -> no PyHessian setting reached 1e-3 median error; gradkit median error "
-              f"{g_err:.1e} with {g_mv:.0f} HVPs")
+        print("  -> no PyHessian setting reached 1e-3 on every seed")
     d_label = "pyhessian tol=0.001"
     if d_label in summary:
-        _, p_mv, p_sec = summary[d_label]
-        print(f"  -> vs PyHessian defaults: HVP ratio {g_mv / p_mv:.2f}, wall-time ratio "
-              f"{g_sec / p_sec:.2f}")
+        p = summary[d_label]
+        print(f"  -> vs PyHessian defaults (max error {p['err']:.2e}), medians: HVP ratio "
+              f"{g['mv'][0] / p['mv'][0]:.2f}, wall-time ratio {g['sec'][0] / p['sec'][0]:.2f}")
 
 
 def pyhessian_trace_samples(model, X, y, n, seed):
@@ -212,7 +228,7 @@ def bench_trace(name, model, X, y, true_trace, seeds, budgets, truth_note):
           f"relative error {abs(est - true_trace) / abs(true_trace):.2e}")
 
 
-def bench_hvp_cost(name, model, X, y):
+def bench_hvp_cost(name, model, X, y, rounds=15, calls=3):
     params = [p for p in model.parameters()]
     v = [torch.randn_like(p) for p in params]
     flat_v = torch.cat([t.reshape(-1) for t in v])
@@ -223,44 +239,73 @@ def bench_hvp_cost(name, model, X, y):
 
     cached = C.HessianOperator(model, nn.functional.cross_entropy, (X, y), cache=True)
     fresh = C.HessianOperator(model, nn.functional.cross_entropy, (X, y), cache=False)
-    revrev = C.HessianOperator(model, nn.functional.cross_entropy, (X, y), cache=False,
-                               mode="rev-rev")
     cached @ flat_v
+    fwdrev = C.HessianOperator(model, nn.functional.cross_entropy, (X, y), cache=False,
+                               mode="fwd-rev")
     cases = {
         "gradient (forward + backward)": gradient,
-        "hvp() fwd-over-rev": lambda: C.hvp(model, nn.functional.cross_entropy, X, y, flat_v),
-        "HessianOperator, no cache": lambda: fresh @ flat_v,
-        "HessianOperator rev-rev, no cache": lambda: revrev @ flat_v,
+        "hvp() default (1 vector: rev-rev)": lambda: C.hvp(model, nn.functional.cross_entropy,
+                                                           X, y, flat_v),
+        "hvp() fwd-over-rev": lambda: C.hvp(model, nn.functional.cross_entropy, X, y, flat_v,
+                                            mode="fwd-rev"),
+        "HessianOperator, no cache (rev-rev)": lambda: fresh @ flat_v,
+        "HessianOperator fwd-rev, no cache": lambda: fwdrev @ flat_v,
         "HessianOperator, cached graph": lambda: cached @ flat_v,
     }
-    times = {}
-    for label, fn in cases.items():
-        m = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=1.0)
-        times[label] = m.median
-    base = times["gradient (forward + backward)"]
-    print(f"\n[{name}] cost of one HVP vs one gradient on the full batch ({X.shape[0]} examples)")
-    for label, t in times.items():
-        print(f"  {label:36s} {t * 1e3:8.2f} ms   {t / base:5.2f}x gradient")
     block = torch.randn(flat_v.shape[0], 10)
-    m = Timer("op @ V", globals={"op": fresh, "V": block}).blocked_autorange(min_run_time=1.0)
-    print(f"  {'vmap over 10 columns, per column':36s} {m.median / 10 * 1e3:8.2f} ms   "
-          f"{m.median / 10 / base:5.2f}x gradient (target <= 3x)")
+    cases["no cache, 10 columns, per column"] = lambda: fresh @ block
+    cases["fwd-rev vmap, 10 columns, per column"] = lambda: fwdrev @ block
+    per_call = {label: 10 if "10 columns" in label else 1 for label in cases}
+    for fn in cases.values():  # warm-up
+        fn()
+    labels = list(cases)
+    ratios: dict[str, list[float]] = {label: [] for label in labels}
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(rounds):  # short interleaved rounds, order rotating: drift hits all alike
+        now = {}
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            cases[label]()  # untimed warm call (allocator, caches), as a Timer would
+            t0 = time.perf_counter()
+            n_calls = 1 if per_call[label] > 1 else calls
+            for _ in range(n_calls):
+                cases[label]()
+            now[label] = (time.perf_counter() - t0) / n_calls / per_call[label]
+        for label in labels:
+            times[label].append(now[label])
+            ratios[label].append(now[label] / now["gradient (forward + backward)"])
+    print(f"\n[{name}] cost of one HVP vs one gradient on the full batch ({X.shape[0]} examples); "
+          f"{rounds} interleaved rounds of 1 warm + {calls} timed calls (blocks: 1), median "
+          "time and median per-round ratio; target <= 3x")
+    for label in labels:
+        print(f"  {label:38s} {statistics.median(times[label]) * 1e3:8.2f} ms   "
+              f"{statistics.median(ratios[label]):5.2f}x gradient")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds and budgets")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--no-dense", action="store_true",
+                        help="skip the CNN's dense float64 Hessian (truth from float64 Lanczos "
+                             "and float64 Hutch++ only)")
+    parser.add_argument("--sections", default="top1,top10,trace,hvp",
+                        help="comma-separated subset of top1,top10,trace,hvp")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    if not sections <= {"top1", "top10", "trace", "hvp"}:
+        parser.error(f"unknown section in --sections {args.sections!r}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     X, y = load_digits()
     seeds = [0, 1] if args.quick else [0, 1, 2]
+    seeds_top1 = seeds if args.quick else [0, 1, 2, 3, 4, 5, 6, 7]
     budgets = [12, 30, 60, 120, 240] if args.quick else [12, 30, 60, 120, 240, 480]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{X.shape[0]} digits examples")
 
-    for name, make, epochs, dense in (("MLP", make_mlp, 30, False), ("CNN", make_cnn, 60, True)):
+    for name, make, epochs, dense in (("MLP", make_mlp, 30, False),
+                                      ("CNN", make_cnn, 60, not args.no_dense)):
+        torch.manual_seed(0)  # the same model whichever sections ran before
         model = make()
         acc = train(model, X, y, epochs)
         n = sum(p.numel() for p in model.parameters())
@@ -271,8 +316,14 @@ def main() -> None:
         if dense:
             print(f"  float64 Lanczos vs dense eigvalsh, top-10 max relative difference "
                   f"{rel_err(ref['top'], ref['dense_top']):.1e}")
-        bench_top(name, model, X, y, ref["top"], 1, seeds, [1e-3, 1e-4, 1e-5, 1e-6])
-        bench_top(name, model, X, y, ref["top"], 10, seeds, [1e-3, 1e-4, 1e-5])
+        if "top1" in sections:
+            bench_top(name, model, X, y, ref["top"], 1, seeds_top1, [1e-3, 1e-4, 1e-5, 1e-6])
+        if "top10" in sections:
+            bench_top(name, model, X, y, ref["top"], 10, seeds, [1e-3, 1e-4, 1e-5])
+        if "hvp" in sections:
+            bench_hvp_cost(name, model, X, y)
+        if "trace" not in sections:
+            continue
         if dense:
             true_trace, note = ref["trace"], "dense float64"
         else:
@@ -281,7 +332,6 @@ def main() -> None:
             rel = est.stderr / abs(est.estimate)
             note = f"float64 Hutch++ with 2001 HVPs, stderr {rel:.1e} rel"
         bench_trace(name, model, X, y, true_trace, seeds, budgets, note)
-        bench_hvp_cost(name, model, X, y)
 
 
 if __name__ == "__main__":

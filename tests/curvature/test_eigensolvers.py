@@ -114,3 +114,58 @@ def test_identity_breakdown_is_handled():
     vals, vecs = lanczos(MatrixOperator(torch.eye(6, dtype=F64)), 3, generator=gen())
     torch.testing.assert_close(vals, torch.ones(3, dtype=F64))
     torch.testing.assert_close(vecs.T @ vecs, torch.eye(3, dtype=F64))
+
+
+# --- gradient start (lanczos v0="auto"/"gradient") -----------------------------------------
+class GradientMatrixOperator(MatrixOperator):
+    """A known matrix with a prescribed 'gradient' (the start direction lanczos may use)."""
+
+    def __init__(self, matrix, g):
+        super().__init__(matrix)
+        self.g = g
+        self.gradient_calls = 0
+
+    def gradient(self):
+        self.gradient_calls += 1
+        return self.g
+
+
+def test_gradient_start_is_the_default_for_largest_and_found_the_top_quickly():
+    lam = torch.cat([torch.tensor([50.0, 20.0], dtype=F64), torch.linspace(0, 1, 98, dtype=F64)])
+    A = with_spectrum(lam, seed=3)
+    Q = torch.linalg.eigh(A).eigenvectors
+    op = GradientMatrixOperator(A, Q[:, -1] + 0.1 * Q[:, -2])  # mostly the top eigenvector
+    vals, _, info = lanczos(op, 1, tol=1e-6, generator=gen(), return_info=True)
+    assert op.gradient_calls == 1
+    torch.testing.assert_close(vals, torch.tensor([50.0], dtype=F64), rtol=1e-6, atol=0)
+    _, _, rand_info = lanczos(op, 1, tol=1e-6, v0="random", generator=gen(), return_info=True)
+    assert op.gradient_calls == 1  # "random" never asks for the gradient
+    assert info.num_matvecs < rand_info.num_matvecs
+    lanczos(op, 1, "smallest", generator=gen())  # "auto" uses a random start for "smallest"
+    assert op.gradient_calls == 1
+
+
+@pytest.mark.parametrize("start", ["auto", "gradient"])
+def test_gradient_start_still_finds_the_top_when_the_gradient_misses_it(start):
+    """A gradient that is exactly a lower eigenvector spans an invariant subspace; the random
+    part of the start must still let Lanczos reach the true top eigenvalues."""
+    lam = torch.linspace(1, 10, 60, dtype=F64)
+    A = with_spectrum(lam, seed=4)
+    Q = torch.linalg.eigh(A).eigenvectors
+    for g in (Q[:, 5], torch.zeros(60, dtype=F64), torch.full((60,), float("nan"), dtype=F64)):
+        vals, vecs = lanczos(GradientMatrixOperator(A, g), 3, v0=start, tol=1e-10,
+                             generator=gen())
+        torch.testing.assert_close(vals, lam.flip(0)[:3])
+        check_pairs(A, vals, vecs, 1e-4)  # tol bounds the eigenvalue error (~ r^2 / gap)
+    # Nearly an eigenvector (no exact breakdown): from it alone the residual test would accept
+    # the 6th eigenvalue after one product; the random part of the start prevents that.
+    nearly = Q[:, 5] + 1e-9 * Q.sum(dim=1)
+    vals, _ = lanczos(GradientMatrixOperator(A, nearly), 1, v0=start, tol=1e-6, generator=gen())
+    torch.testing.assert_close(vals, lam[-1:], rtol=1e-6, atol=0)
+
+
+def test_gradient_start_needs_an_operator_with_a_gradient():
+    with pytest.raises(ValueError, match="gradient"):
+        lanczos(MatrixOperator(torch.eye(4, dtype=F64)), 1, v0="gradient")
+    with pytest.raises(ValueError, match="Invalid v0"):
+        lanczos(MatrixOperator(torch.eye(4, dtype=F64)), 1, v0="ones")

@@ -154,9 +154,15 @@ def test_falls_back_to_reverse_over_reverse_without_forward_mode_rule():
     with pytest.raises((NotImplementedError, RuntimeError)):
         hvp(custom, CE, X, y, v, mode="fwd-rev")
     torch.testing.assert_close(hvp(custom, CE, X, y, v), hvp(plain, CE, X, y, v))
-    op = HessianOperator(custom, CE, (X, y), cache=False)
-    torch.testing.assert_close(op @ v, dense_hessian(plain, CE, X, y) @ v)
-    assert op.mode == "rev-rev"
+    V = torch.stack([v, -2 * v], dim=1)
+    for mode in ("auto", "rev-rev"):  # the Hessian's default products need no forward mode
+        op = HessianOperator(custom, CE, (X, y), cache=False, mode=mode)
+        torch.testing.assert_close(op @ v, dense_hessian(plain, CE, X, y) @ v)
+        torch.testing.assert_close(op @ V, dense_hessian(plain, CE, X, y) @ V)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        HessianOperator(custom, CE, (X, y), cache=False, mode="fwd-rev") @ V
+    fwd = HessianOperator(plain, CE, (X, y), cache=False, mode="fwd-rev")
+    torch.testing.assert_close(fwd @ V, dense_hessian(plain, CE, X, y) @ V)
     ggn = GGNOperator(custom, CE, (X, y))
     torch.testing.assert_close(ggn @ v, dense_ggn(plain, CE, X, y) @ v)
 
@@ -252,3 +258,31 @@ def test_sandwich_and_subclassing():
         A @ torch.ones(4, dtype=F64)
     vals, _ = lanczos(S, 1, generator=torch.Generator().manual_seed(0))
     assert vals.item() == pytest.approx(4.0)  # diag(4, -0.5, 3)
+
+
+# --- single-vector reverse-over-reverse path and the cached gradient -----------------------
+@pytest.mark.parametrize("names", [None, ["2.weight", "2.bias"], ["0.bias"]])
+def test_single_vector_products_match_the_dense_block(names):
+    model, X, y = mlp_problem()
+    H = dense_hessian(model, CE, X, y, names)
+    v = torch.randn(H.shape[0], dtype=F64)
+    for op in (HessianOperator(model, CE, (X, y), params=names, cache=False),
+               HessianOperator(model, CE, [(X[:5], y[:5]), (X[5:], y[5:])], params=names),
+               HessianOperator(model, CE, (X, y), params=names, cache=True),
+               HessianOperator(model, CE, [(X[:5], y[:5]), (X[5:], y[5:])], params=names,
+                               mode="fwd-rev")):
+        torch.testing.assert_close(op @ v, H @ v)
+        V = torch.stack([v, 3 * v.flip(0)], dim=1)
+        torch.testing.assert_close(op @ V, H @ V)
+    torch.testing.assert_close(hvp(model, CE, X, y, v, names), H @ v)
+
+
+def test_cached_operator_gradient_comes_from_its_graph():
+    model, X, y = mlp_problem()
+    _, theta = flat_params(model)
+    op = HessianOperator(model, CE, (X, y))
+    assert op.cache
+    g = op.gradient()
+    torch.testing.assert_close(g, dense_grad(model, CE, X, y, theta))
+    g.zero_()  # a copy: the operator's stored gradient is unchanged
+    torch.testing.assert_close(op.gradient(), dense_grad(model, CE, X, y, theta))

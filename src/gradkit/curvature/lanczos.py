@@ -50,6 +50,32 @@ from gradkit.curvature._operator import LinearOperator
 from gradkit.curvature._random import randn, resolve_generator
 
 Which = Literal["largest", "smallest", "both"]
+Start = Tensor | Literal["auto", "random", "gradient"] | None
+_GRADIENT_START_NOISE = 0.1  # weight of the random part of the gradient start (unit norms)
+
+
+def _start_block(op: LinearOperator, v0: Start, which: Which, b: int, gen: torch.Generator
+                 ) -> Tensor:
+    """The start block ``(n, b)`` (see ``v0`` in :func:`lanczos`)."""
+    n, dtype, device = op.shape[0], op.dtype, op.device
+    if isinstance(v0, Tensor):
+        return v0.reshape(n, -1).to(dtype=dtype, device=device)
+    if v0 not in (None, "auto", "random", "gradient"):
+        raise ValueError(f"Invalid v0: {v0!r} (use a tensor, 'auto', 'random' or 'gradient')")
+    z = randn((n, b), dtype, device, gen)
+    gradient = getattr(op, "gradient", None)
+    use_gradient = v0 == "gradient" or (
+        v0 in (None, "auto") and b == 1 and which != "smallest" and callable(gradient))
+    if not use_gradient:
+        return z
+    if not callable(gradient):
+        raise ValueError(f"v0='gradient' needs an operator with a gradient(), got "
+                         f"{type(op).__name__}")
+    g = gradient().to(dtype=dtype, device=device).reshape(n, 1)
+    norm = g.norm()
+    if not (torch.isfinite(norm) and norm > 0):
+        return z
+    return g / norm + _GRADIENT_START_NOISE * z / z.norm(dim=0, keepdim=True)
 
 
 @dataclass
@@ -98,7 +124,11 @@ def _orthonormalize(Vt: Tensor, W: Tensor, gen: torch.Generator, scale: float
     h2 = Vt @ W
     W = W - V @ h2
     h = h + h2
-    Q, R = torch.linalg.qr(W)
+    if W.shape[1] == 1:  # a plain normalization (cheaper than a QR factorization)
+        R = W.norm().reshape(1, 1)
+        Q = W / R.clamp(min=torch.finfo(W.dtype).tiny)
+    else:
+        Q, R = torch.linalg.qr(W)
     tiny = 1e3 * torch.finfo(W.dtype).eps * max(scale, 1e-300)
     for i in torch.nonzero(R.norm(dim=1) <= tiny).flatten().tolist():
         R[i] = 0
@@ -119,11 +149,23 @@ def lanczos(
     tol: float = 1e-4,
     ncv: int | None = None,
     block_size: int = 1,
-    v0: Tensor | None = None,
+    v0: Start = None,
     generator: torch.Generator | None = None,
     return_info: bool = False,
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, EigenInfo]:
     """``k`` extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
+
+    Default start (``v0=None`` = "auto"): for an operator with a ``gradient()`` (the
+    curvature operators of a model's loss), ``block_size=1`` and ``which`` "largest" or
+    "both", the normalized loss gradient plus 0.1 times a unit Gaussian vector; otherwise a
+    Gaussian vector. The gradient of a trained network lies mostly in the top Hessian
+    eigenspace (Gur-Ari, Roberts & Dyer, "Gradient Descent Happens in a Tiny Subspace",
+    2018), so the Krylov space reaches the top eigenvector sooner; the random part keeps every
+    eigendirection present (and is the whole start if the gradient is zero or not finite).
+    Measured on the digits MLP/CNN of ``benchmarks/hessian.py``: top-1 to ``tol=1e-3`` in 3
+    products instead of 4-6. Cost: one gradient pass over the data (free for a cached
+    :class:`HessianOperator`, whose graph already holds it); it is not counted in
+    ``num_matvecs``. The result does not depend on the start beyond ``tol``.
 
     Args:
         op: the operator.
@@ -138,8 +180,10 @@ def lanczos(
         ncv: largest basis size before a thick restart (default ``max(3k, 30) + 2 block_size``,
             at most ``n``); memory is ``n * ncv`` numbers.
         block_size: vectors per Lanczos block (``>=`` the multiplicity to resolve).
-        v0: start vector ``(n,)`` or block ``(n, block_size)`` (default: Gaussian).
-        generator: source of the random start and of breakdown replacements.
+        v0: start vector ``(n,)`` or block ``(n, block_size)``, or "auto" (``None``, see
+            above), "random" (Gaussian) or "gradient" (the gradient start above, any
+            ``which``; needs ``op.gradient()``).
+        generator: source of the random start (part) and of breakdown replacements.
         return_info: also return an :class:`EigenInfo`.
 
     Returns:
@@ -163,11 +207,12 @@ def lanczos(
     dtype, device = op.dtype, op.device
     eps23 = torch.finfo(dtype).eps ** (2 / 3)
 
-    start = (randn((n, b), dtype, device, gen) if v0 is None
-             else v0.reshape(n, -1).to(dtype=dtype, device=device))
+    start = _start_block(op, v0, which, b, gen)
     if start.shape[1] != b:
         raise ValueError(f"v0 must have {b} column(s), got {start.shape[1]}")
-    Vt = torch.zeros(ncv + b, n, dtype=dtype, device=device)  # basis vectors as rows
+    # basis vectors as rows; rows >= m are never read, so no zero fill (untouched pages of a
+    # large buffer are never faulted in when few products are needed)
+    Vt = torch.empty(ncv + b, n, dtype=dtype, device=device)
     H = torch.zeros(ncv + b, ncv + b, dtype=torch.float64)
     Vt[:b] = torch.linalg.qr(start).Q.T
     m, matvecs, restarts, scale = b, 0, 0, 0.0

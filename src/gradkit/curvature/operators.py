@@ -35,6 +35,7 @@ from gradkit.curvature._data import BatchSource, check_no_train_batchnorm
 from gradkit.curvature._data import check_deterministic as _check_deterministic
 from gradkit.curvature._operator import LinearOperator
 from gradkit.curvature.hvp import (
+    GradientGraph,
     LossFn,
     Mode,
     ParamDict,
@@ -57,13 +58,17 @@ class CurvatureOperator(LinearOperator):
             with ``shuffle=False``); re-iterated on every product.
         params: names of the parameters (a layer, a block); default all trainable ones.
         dtype: evaluate the model in this dtype (on a copy when it differs).
-        check_deterministic: iterate ``data`` twice and run the model twice on the first
-            batch at construction; raise :class:`NondeterministicError` naming the failed
-            check (data order / data values / model output).
+        check_deterministic: iterate ``data`` twice and run the model twice on (the first 64
+            examples of) the first batch at construction; raise
+            :class:`NondeterministicError` naming the failed check (data order / data
+            values / model output).
         chunk_size: columns per ``vmap``-ed block in ``op @ V`` (memory grows with it;
-            ``None``: all at once).
-        mode: "auto" (forward-mode products, falling back to reverse-over-reverse where an
-            operation has no forward-mode rule), "fwd-rev" or "rev-rev".
+            ``None``: all at once); unused by the Hessian's default reverse-over-reverse
+            products, which take the columns one at a time through a shared graph.
+        mode: "auto", "fwd-rev" or "rev-rev". GGN and empirical Fisher: "auto" uses
+            forward-mode products, falling back to reverse-over-reverse where an operation
+            has no forward-mode rule. Hessian: "auto" = "rev-rev" (see
+            :class:`HessianOperator`).
     """
 
     def __init__(
@@ -117,7 +122,8 @@ class CurvatureOperator(LinearOperator):
         return total
 
     def gradient(self) -> Tensor:
-        """The full-dataset gradient as a flat vector of length ``n``."""
+        """The full-dataset gradient as a flat vector of length ``n`` (one gradient pass over
+        the data; free for a cached :class:`HessianOperator`, whose graph holds it)."""
         total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         for x, y in self.source:
             g = grad(self._batch_loss(x, y))(self._params)
@@ -157,15 +163,19 @@ class CurvatureOperator(LinearOperator):
 class HessianOperator(CurvatureOperator):
     """The Hessian :math:`H` of the full-dataset loss (see the module docstring).
 
-    Two product paths, chosen by ``cache``:
+    Products are reverse-over-reverse through a kept gradient graph
+    (:class:`~gradkit.curvature.hvp.GradientGraph`: forward and ``create_graph`` backward
+    once, then one double backward per column), chosen by ``cache``:
 
-    - ``cache=False`` (default for a loader): per batch, forward-over-reverse
-      ``jvp(grad(L_b))`` ``vmap``-ed over the columns of ``V`` (reverse-over-reverse where
-      forward mode is unsupported); memory is one batch's activations times ``chunk_size``.
+    - ``cache=False`` (default for a loader): per batch, the batch's graph is built, used for
+      all columns of ``V`` and freed; memory is one batch's gradient graph.
     - ``cache=True`` (default for a single batch): the gradient graph of the whole dataset is
-      built once (``create_graph=True``) and kept, so each product is one backward pass
-      through it (reverse-over-reverse, like PyHessian's single-batch mode); memory is that
-      graph for all the data.
+      built once and kept across products (like PyHessian's single-batch mode); memory is
+      that graph for all the data. :meth:`gradient` is then free (read from the graph).
+
+    ``mode="fwd-rev"`` (uncached only) instead uses forward-over-reverse ``jvp(grad(L_b))``
+    ``vmap``-ed over ``chunk_size`` columns; reverse-over-reverse is the default because
+    ``benchmarks/hessian.py`` measured it cheaper on CPU (see :mod:`gradkit.curvature.hvp`).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Any,
@@ -173,48 +183,40 @@ class HessianOperator(CurvatureOperator):
                  **kwargs: Any):
         super().__init__(model, loss_fn, data, params, **kwargs)
         self.cache = self.source.single if cache is None else bool(cache)
-        self._graph: tuple[list[Tensor], list[Tensor | None]] | None = None
+        self._graph: GradientGraph | None = None
+
+    def _full_graph(self) -> GradientGraph:
+        if self._graph is None:
+            def total(p: ParamDict) -> Tensor:
+                return sum(self._batch_loss(x, y)(p) * (x.shape[0] / self.num_examples)
+                           for x, y in self.source)
+
+            self._graph = GradientGraph(total, self._params)
+        return self._graph
+
+    def gradient(self) -> Tensor:
+        if not self.cache:
+            return super().gradient()
+        return self.flat.flatten(self._full_graph().gradient)
 
     def _batch_product(self, x: Tensor, y: Tensor, T: ParamDict) -> ParamDict:
-        fn = self._batch_loss(x, y)
-
-        def run(mode: Mode) -> ParamDict:
-            return hvp_dict(fn, self._params, T, batched=True, mode=mode)[0]
-
-        return self._try_modes(lambda: run("fwd-rev"), lambda: run("rev-rev"))
-
-    def _build_graph(self) -> tuple[list[Tensor], list[Tensor | None]]:
-        """Leaves and the gradient graph; constant gradient blocks (no curvature) -> None."""
-        leaves = {n: p.detach().requires_grad_() for n, p in self._params.items()}
-        with torch.enable_grad():
-            total = sum(self._batch_loss(x, y)(leaves) * (x.shape[0] / self.num_examples)
-                        for x, y in self.source)
-            grads = torch.autograd.grad(total, list(leaves.values()), create_graph=True,
-                                        allow_unused=True)
-        return list(leaves.values()), [g if g is not None and g.requires_grad else None
-                                       for g in grads]
+        return hvp_dict(self._batch_loss(x, y), self._params, T, batched=True,
+                        mode="fwd-rev")[0]
 
     def _matmat(self, V: Tensor) -> Tensor:
-        if not self.cache:
+        if not self.cache and self.mode == "fwd-rev":
             return super()._matmat(V)
-        if self._graph is None:
-            self._graph = self._build_graph()
-        leaves, grads = self._graph
-        live = [(g, c) for g, c in zip(grads, torch.split(V, self.flat.numels)) if g is not None]
-        if not live:
-            return torch.zeros_like(V)
-        outs = []
-        for j in range(V.shape[1]):
-            prods = torch.autograd.grad(
-                [g for g, _ in live], leaves,
-                grad_outputs=[c[:, j].reshape(g.shape) for g, c in live],
-                retain_graph=True, allow_unused=True,
-            )
-            outs.append(torch.cat([
-                (p if p is not None else torch.zeros_like(leaf)).reshape(-1)
-                for p, leaf in zip(prods, leaves)
-            ]))
-        return torch.stack(outs, dim=1)
+        graphs: Iterable[tuple[GradientGraph, float]] = (
+            [(self._full_graph(), 1.0)] if self.cache else
+            ((GradientGraph(self._batch_loss(x, y), self._params), x.shape[0] / self.num_examples)
+             for x, y in self.source))
+        out = torch.zeros_like(V)
+        k = V.shape[1]
+        for graph, weight in graphs:
+            for j in range(k):
+                prod = graph.product(self.flat.as_dict(V[:, j]), retain=self.cache or j < k - 1)
+                out[:, j] += self.flat.flatten(prod) * weight
+        return out
 
 
 class GGNOperator(CurvatureOperator):
