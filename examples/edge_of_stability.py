@@ -71,7 +71,7 @@ def main() -> None:
         with monitor.step((x, y), loss=loss) as handle:
             opt.step()
         rec = handle.record
-        if step % 100 == 0 or step == args.steps - 1:
+        if step % 100 == 0 and "sharpness" in rec:
             print(f"{step:6d} {rec['loss']:10.5f} {rec.get('sharpness', float('nan')):10.3f} "
                   f"{rec.get('sharpness', float('nan')) / threshold:13.3f}")
     monitor.close()
