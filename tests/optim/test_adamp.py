@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from gradkit.optim import AdamP
+from gradkit.optim import AdamP, _fused
 from gradkit.optim._projection import project, rows_view
 from tests.optim.conformance import assert_schedule_does_not_recompile
 
@@ -245,6 +245,18 @@ def test_fused_matches_reference_and_lr_changes_do_not_recompile():
         lambda *a: reference_adamp(*a, lr=1e-2, wd=0.1),
         initial(torch.float32, FUSED_SMOKE_SHAPES), 8, FUSED_SMOKE_KINDS, rtol=1e-5, atol=1e-6)
     assert_schedule_does_not_recompile(opt)
+
+
+@pytest.mark.slow  # compiles a second kernel variant (~20 s cold)
+def test_fused_chunked_big_tensors_match_reference():
+    """More big weights than ``_fused.CHUNK`` (channel, layer and unprojected ones, different
+    sizes in one chunk): several per compiled call, the remainder one call each."""
+    shapes = [(200, 200), (64, 600), (200, 200), (300, 120), (200, 200), (6,)]
+    kinds = ["channel", "layer", "free", "channel", "layer", "free"]
+    assert sum(math.prod(s) >= _fused.BIG_NUMEL for s in shapes) > _fused.CHUNK
+    assert_same_trajectory(lambda ps: AdamP(ps, lr=1e-2, weight_decay=0.1, fused=True),
+                           lambda *a: reference_adamp(*a, lr=1e-2, wd=0.1),
+                           initial(torch.float32, shapes), 4, kinds, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -147,11 +147,9 @@ def test_loop_and_foreach_are_bitwise_identical():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_fused_matches_reference_and_lr_changes_do_not_recompile():
-    """Fused path (big tensor alone, small ones packed) vs the reference, then a StepLR
-    schedule and new tensor sizes re-use the compiled kernel."""
-    shapes = [(200, 200), *SHAPES]
-    thetas, grad_seq = _problem(8, torch.float32, shapes)
+def _assert_fused_float32_matches_reference(shapes, steps):
+    """Fused DiffGrad in float32 vs the float64 reference; returns the optimizer."""
+    thetas, grad_seq = _problem(steps, torch.float32, shapes)
     expected = reference_diffgrad([t.double() for t in thetas],
                                   [[g.double() for g in gs] for gs in grad_seq],
                                   lr=1e-2, wd=0.01)
@@ -159,6 +157,13 @@ def test_fused_matches_reference_and_lr_changes_do_not_recompile():
                     thetas, grad_seq)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    return opt
+
+
+def test_fused_matches_reference_and_lr_changes_do_not_recompile():
+    """Fused path (big tensor alone, small ones packed) vs the reference, then a StepLR
+    schedule and new tensor sizes re-use the compiled kernel."""
+    opt = _assert_fused_float32_matches_reference([(200, 200), *SHAPES], 8)
     assert_schedule_does_not_recompile(opt)
     compiles = _fused.compile_count()
     other = [torch.nn.Parameter(torch.randn(s)) for s in [(300, 150), (7, 5)]]
@@ -167,6 +172,14 @@ def test_fused_matches_reference_and_lr_changes_do_not_recompile():
         p.grad = torch.randn_like(p)
     other_opt.step()
     assert _fused.compile_count() == compiles
+
+
+def test_fused_chunked_big_tensors_match_reference():
+    """More big tensors than ``_fused.CHUNK``: several run in one compiled call (different
+    sizes in one chunk), the remainder one call each; all match the reference."""
+    shapes = [(200, 200), (300, 150), (200, 200), (180, 190), (200, 200), (5,)]
+    assert sum(math.prod(s) >= _fused.BIG_NUMEL for s in shapes) > _fused.CHUNK
+    _assert_fused_float32_matches_reference(shapes, 4)
 
 
 @pytest.mark.slow

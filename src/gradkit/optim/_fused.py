@@ -7,11 +7,13 @@ kernel as one small 1-D tensor of scalars (:func:`scalars`), never as Python flo
 
 Tensors are handed to a kernel in one of two layouts:
 
-* :func:`apply_elementwise`: large contiguous tensors one at a time as flat views (no copy);
+* :func:`apply_elementwise`: large contiguous tensors as flat views (no copy), up to
+  :data:`CHUNK` of them per compiled call (:func:`run_items`);
   all small ones concatenated into one flat buffer, run once, and copied back. Many small
   tensors then cost a handful of ops instead of one kernel call each.
 * :func:`apply_rows`: for kernels that need per-row (channel) and per-tensor reductions.
-  Tensors are shown as ``(N, C, D)``: large ones alone as views, small same-shaped ones stacked.
+  Tensors are shown as ``(N, C, D)``: large ones alone as views (chunked like above), small
+  same-shaped ones stacked.
   Tensors flagged as not row-structured (e.g. biases) are concatenated as ``(1, 1, total)`` and
   the kernel is told so through its ``rows`` argument.
 
@@ -61,6 +63,41 @@ def compiled(kernel: Callable) -> Callable:
             _fx_config.use_duck_shape = previous
 
     return run
+
+
+# Large tensors are handed to a kernel CHUNK at a time in one compiled call (see run_items).
+CHUNK = 4
+
+
+@functools.cache
+def compiled_many(kernel: Callable) -> Callable:
+    """``compiled`` version of ``items -> [kernel(*ts, *extra) for ts in items]``.
+
+    One call then runs the kernel on several tensors (dynamo unrolls the loop into one graph),
+    paying torch.compile's per-call cost (guards, wrappers: tens of microseconds) once. The
+    function gets its own code object so that its compile cache is separate per kernel.
+    """
+    def many(items: Sequence[Sequence[Tensor]], *extra: object, **kwargs: object) -> None:
+        for tensors in items:
+            kernel(*tensors, *extra, **kwargs)
+
+    name = f"{kernel.__name__}_many"
+    many.__code__ = many.__code__.replace(co_name=name)
+    many.__name__ = many.__qualname__ = name
+    return compiled(many)
+
+
+def run_items(kernel: Callable, items: list[list[Tensor]], *extra: object,
+              **kwargs: object) -> None:
+    """Run compiled ``kernel`` on each item: in chunks of :data:`CHUNK` per compiled call
+    (only that one list length is compiled), the remainder one call per item."""
+    n = len(items) - len(items) % CHUNK
+    if n:
+        many = compiled_many(kernel.__wrapped__)
+        for j in range(0, n, CHUNK):
+            many(items[j:j + CHUNK], *extra, **kwargs)
+    for tensors in items[n:]:
+        kernel(*tensors, *extra, **kwargs)
 
 
 def compile_count() -> int:
@@ -166,14 +203,15 @@ def apply_elementwise(opt: torch.optim.Optimizer, kernel: Callable, params: list
     """
     idx = range(len(params)) if indices is None else indices
     state = opt.state
-    small = []
+    small, big = [], []
     for i in idx:
         p = params[i]
         tensors = [p, grads[i], *(state[p][k] for k in keys)]
         if p.numel() >= BIG_NUMEL and _contiguous(tensors):
-            kernel(*[alias(t, (-1,)) for t in tensors], *extra)
+            big.append([alias(t, (-1,)) for t in tensors])
         else:
             small.append(i)
+    run_items(kernel, big, *extra)
     if small:
         ps = [params[i] for i in small]
         p_flat = flatten_dense_tensors(ps)
@@ -196,6 +234,7 @@ def apply_rows(opt: torch.optim.Optimizer, kernel: Callable, params: list[Tensor
     idx = range(len(params)) if indices is None else indices
     state = opt.state
     flat: list[int] = []
+    big: list[list[Tensor]] = []
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for i in idx:
         p = params[i]
@@ -203,9 +242,10 @@ def apply_rows(opt: torch.optim.Optimizer, kernel: Callable, params: list[Tensor
         if not row_structured[i]:
             flat.append(i)
         elif p.numel() >= BIG_NUMEL and _contiguous(tensors):
-            kernel(*[alias(t, (1, p.shape[0], -1)) for t in tensors], *extra, rows=True)
+            big.append([alias(t, (1, p.shape[0], -1)) for t in tensors])
         else:
             by_shape.setdefault(tuple(p.shape), []).append(i)
+    run_items(kernel, big, *extra, rows=True)
     for shape, group in by_shape.items():
         ps = [params[i] for i in group]
         p_stack = torch.stack(ps)

@@ -62,6 +62,31 @@ def _norm(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=-1)
 
 
+def _tests(p_norm: Tensor, g_norm: Tensor, gp: Tensor, d: int, delta_sq: float | Tensor,
+           eps: float | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From per-row norms and ``<g_r, p_r>`` ``(N, C)`` of rows of length ``d``: the channel
+    and layer tests (bool ``(N,)`` each) and the per-tensor norm of ``p`` ``(N,)``."""
+    numel = p_norm.shape[-1] * d
+    cos_c = gp.abs() / (g_norm.clamp_min(eps) * p_norm.clamp_min(eps))
+    channel = (cos_c * cos_c * d).amax(-1) < delta_sq  # (N,)
+    pl_norm = p_norm.square().sum(-1).sqrt()
+    gl_norm = g_norm.square().sum(-1).sqrt()
+    cos_l = gp.sum(-1).abs() / (gl_norm.clamp_min(eps) * pl_norm.clamp_min(eps))
+    layer = (cos_l * cos_l * numel) < delta_sq  # (N,)
+    return channel, layer, pl_norm
+
+
+def _coefficients(pu: Tensor, p_norm: Tensor, pl_norm: Tensor, channel: Tensor,
+                  layer: Tensor, eps: float | Tensor) -> Tensor:
+    """Per-row coefficient ``(N, C, 1)`` of ``p`` removed from ``u`` (0 where not projected)."""
+    coef_c = pu / (p_norm + eps).square()
+    coef_l = pu.sum(-1) / (pl_norm + eps).square()
+    zero = torch.zeros((), dtype=coef_c.dtype, device=coef_c.device)
+    coef = torch.where(channel.unsqueeze(-1), coef_c,
+                       torch.where(layer, coef_l, zero).unsqueeze(-1))
+    return coef.unsqueeze(-1)
+
+
 def project(p: Tensor, g: Tensor, u: Tensor, delta_sq: float | Tensor,
             eps: float | Tensor) -> tuple[Tensor, Tensor]:
     """Remove the radial component of ``u`` where ``p`` looks scale-invariant.
@@ -70,26 +95,31 @@ def project(p: Tensor, g: Tensor, u: Tensor, delta_sq: float | Tensor,
     (written into ``u`` in place, ``(N, C, D)``) and a bool ``(N,)`` tensor: whether each
     tensor was projected.
     """
-    d = p.shape[-1]
-    numel = p.shape[-2] * d
-    p_norm, g_norm, gp = _norm(p), _norm(g), _dot(g, p)
-    cos_c = gp.abs() / (g_norm.clamp_min(eps) * p_norm.clamp_min(eps))
-    channel = (cos_c * cos_c * d).amax(-1) < delta_sq  # (N,)
-    pl_norm = p_norm.square().sum(-1).sqrt()
-    gl_norm = g_norm.square().sum(-1).sqrt()
-    cos_l = gp.sum(-1).abs() / (gl_norm.clamp_min(eps) * pl_norm.clamp_min(eps))
-    layer = (cos_l * cos_l * numel) < delta_sq  # (N,)
+    p_norm = _norm(p)
+    channel, layer, pl_norm = _tests(p_norm, _norm(g), _dot(g, p), p.shape[-1], delta_sq,
+                                     eps)
     passed = channel | layer
     if (not torch.compiler.is_compiling() and p.device.type == "cpu"
             and not bool(passed.any())):
         return u, passed  # nothing to project (reading a CPU bool is not a device sync)
-    pu = _dot(p, u)
-    coef_c = pu / (p_norm + eps).square()
-    coef_l = pu.sum(-1) / (pl_norm + eps).square()
-    zero = torch.zeros((), dtype=coef_c.dtype, device=coef_c.device)
-    coef = torch.where(channel.unsqueeze(-1), coef_c,
-                       torch.where(layer, coef_l, zero).unsqueeze(-1))
-    return u.addcmul_(p, coef.unsqueeze(-1), value=-1), passed
+    coef = _coefficients(_dot(p, u), p_norm, pl_norm, channel, layer, eps)
+    return u.addcmul_(p, coef, value=-1), passed
+
+
+def projection_coefficients(p: Tensor, g: Tensor, u: Tensor, delta_sq: float | Tensor,
+                            eps: float | Tensor) -> tuple[Tensor, Tensor]:
+    """For fused kernels: ``(coef, passed)`` such that the projected update is
+    ``u - p * coef`` (``coef``: ``(N, C, 1)``; ``passed``: bool ``(N,)``).
+
+    All four row reductions (``||p_r||², ||g_r||², <g_r, p_r>, <p_r, u_r>``) are taken
+    together, so inductor emits them as one pass over ``p, g`` and whatever ``u`` is computed
+    from; the caller recomputes ``u`` elementwise in its update pass instead of storing it.
+    """
+    p_norm = (p * p).sum(-1).sqrt()
+    g_norm = (g * g).sum(-1).sqrt()
+    gp, pu = (g * p).sum(-1), (p * u).sum(-1)
+    channel, layer, pl_norm = _tests(p_norm, g_norm, gp, p.shape[-1], delta_sq, eps)
+    return _coefficients(pu, p_norm, pl_norm, channel, layer, eps), channel | layer
 
 
 def project_tensors(params: Sequence[Tensor], grads: Sequence[Tensor],
