@@ -253,8 +253,9 @@ def test_update_size_and_opposing_signals_in_plain_form_span_consecutive_calls()
     mon.step((x, y, ids))
     opt.step()
     mon.step((x, y, ids))  # completes step 0
-    delta = torch.cat([(a - b).reshape(-1) for a, b in zip(model.parameters(),
-                                                           before.parameters())])
+    with torch.no_grad():
+        delta = torch.cat([(a - b).reshape(-1) for a, b in zip(model.parameters(),
+                                                               before.parameters())])
     rec = mon.history[0]
     assert rec["update_size"] == pytest.approx(float(delta.norm()), rel=1e-6)
     assert set(rec["opposing_up_index"] + rec["opposing_down_index"]) <= set(ids.tolist())
