@@ -40,8 +40,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from gradkit._checks import check_positive, check_positive_int
 from gradkit.autodiff import per_example_grads
-from gradkit.batching._validate import check_positive, check_positive_int
 from gradkit.batching.lr_scaling import LRRule, default_lr_rule, lr_scale_factor
 from gradkit.batching.sampler import AdaptiveBatchSampler
 from gradkit.batching.statistics import (

@@ -20,7 +20,7 @@ from typing import Literal
 
 from torch import optim
 
-from gradkit.batching._validate import check_positive
+from gradkit._checks import check_positive
 
 LRRule = Literal["linear", "sqrt"]
 

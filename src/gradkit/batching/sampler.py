@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import Sampler
 
-from gradkit.batching._validate import check_positive_int
+from gradkit._checks import check_positive_int
 
 
 class AdaptiveBatchSampler(Sampler[list[int]]):

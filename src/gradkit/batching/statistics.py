@@ -65,7 +65,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from gradkit.batching._validate import check_positive, check_positive_int
+from gradkit._checks import check_positive, check_positive_int
 
 PerExampleGrads = Mapping[str, Tensor] | Tensor | Sequence[Tensor]
 TestName = Literal["norm", "inner_product", "orthogonality", "augmented", "coordinate"]

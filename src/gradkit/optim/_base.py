@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
+from gradkit._checks import check_positive_int  # noqa: F401  (re-exported for optimizers)
+
 Impl = Literal["loop", "foreach", "fused"]
 
 
@@ -61,11 +63,6 @@ def check_in_interval(name: str, value: float, low: float, high: float, *,
     if not ok:
         bracket = "]" if closed_high else ")"
         raise ValueError(f"Invalid {name} value: {value} (must be in [{low}, {high}{bracket})")
-
-
-def check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name} value: {value!r} (must be a positive integer)")
 
 
 def check_impl_flags(foreach: bool | None, fused: bool | None, differentiable: bool) -> None:

@@ -1,4 +1,4 @@
-"""Argument checks shared by the batching modules (torch-style ``Invalid <name> value``)."""
+"""Argument checks shared across gradkit, with torch-style ``Invalid <name> value`` messages."""
 
 from __future__ import annotations
 
