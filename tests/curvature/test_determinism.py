@@ -13,6 +13,7 @@ from gradkit.curvature import (
     lanczos,
     spectral_density,
 )
+from tests.curvature._helpers import tiny_mlp as model
 
 F64 = torch.float64
 CE = nn.functional.cross_entropy
@@ -21,10 +22,6 @@ CE = nn.functional.cross_entropy
 def data(N=40):
     g = torch.Generator().manual_seed(0)
     return torch.randn(N, 4, generator=g, dtype=F64), torch.randint(0, 3, (N,), generator=g)
-
-
-def model():
-    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
 
 
 class Augmented(Dataset):
