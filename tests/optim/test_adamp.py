@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gradkit.optim import AdamP, _fused
-from gradkit.optim._projection import project, rows_view
+from gradkit.optim._projection import STACK_BELOW, project, rows_view
 from tests.optim.conformance import assert_schedule_does_not_recompile
 
 # weight-like tensors whose gradients are made channel-wise / layer-wise orthogonal to the
@@ -18,6 +18,14 @@ KINDS = ["channel", "layer", "free", "free", "free"]
 # fused-path problems: a big tensor (own kernel call), stacked same-shaped ones, packed 1-D
 FUSED_SHAPES = [(200, 200), (4, 6), (4, 6), *SHAPES]
 FUSED_KINDS = ["channel", "channel", "layer", *KINDS]
+# eager paths: tensors above _projection.STACK_BELOW are tested one at a time from p and g
+# (channel, layer and unprojected ones); above _fused.CUT_ABOVE bytes, channel-projected and
+# unprojected ones are then stepped in pieces of rows (a 1-D one in flat pieces). Beside
+# them a stack of small ones and a small 1-D one.
+BIG_SHAPES = [(256, 128), (64, 8, 8, 8), (128, 300), (600, 300), (700, 200), (140_000,),
+              (330, 8, 8, 8), (4, 6), (4, 6), (6,)]
+BIG_KINDS = ["channel", "layer", "free", "channel", "free", "free", "layer", "channel", "free",
+             "free"]
 
 
 def reference_projection(p, g, u, delta, wd_ratio, eps):
@@ -227,6 +235,19 @@ def test_float64_parity_with_reference_over_100_steps(path, wd, nesterov):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["loop", "foreach"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_large_tensors_on_eager_paths_match_reference(path, nesterov):
+    """Large weights skip the stacked branch-free projection and are not materialised unless
+    projected: every branch (channel, layer, none) still follows the equations."""
+    assert min(math.prod(s) for s in BIG_SHAPES[:7]) >= STACK_BELOW
+    assert min(math.prod(s) * 8 for s in BIG_SHAPES[3:7]) > _fused.CUT_ABOVE
+    kw = dict(lr=1e-2, nesterov=nesterov)
+    assert_same_trajectory(
+        lambda ps: AdamP(ps, weight_decay=0.2, foreach=path == "foreach", **kw),
+        lambda *a: reference_adamp(*a, wd=0.2, **kw), initial(shapes=BIG_SHAPES), 6, BIG_KINDS)
+
+
 def test_foreach_stacks_same_shaped_tensors_and_matches_loop():
     shapes = [(4, 6)] * 3 + [(3, 2, 2, 2)] * 2 + [(6,)]
     kinds = ["channel", "layer", "free", "channel", "free", "free"]
@@ -276,3 +297,6 @@ def test_matches_adamp_package(nesterov):
               nesterov=nesterov)
     assert_same_trajectory(lambda ps: AdamP(ps, **kw),
                            package_trajectory(lambda ps: adamp.AdamP(ps, **kw)), thetas, 50, KINDS)
+    assert_same_trajectory(lambda ps: AdamP(ps, **kw),
+                           package_trajectory(lambda ps: adamp.AdamP(ps, **kw)),
+                           initial(shapes=BIG_SHAPES), 4, BIG_KINDS)

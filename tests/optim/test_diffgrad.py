@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gradkit.optim import DiffGrad, _fused
+from gradkit.optim.diffgrad import PACK_BELOW
 from tests.optim.conformance import assert_schedule_does_not_recompile
 
 SHAPES = [(3, 4), (5,), (2, 3, 2), ()]
@@ -136,6 +137,32 @@ def test_float64_parity_with_reference_over_100_steps(path, wd, maximize, legacy
                   thetas, grad_seq)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("path", ["loop", "foreach"])
+def test_packed_small_tensors_with_different_step_counts_match_unpacked(path):
+    """Small tensors are stepped as one flat pack per step count: the result equals stepping
+    each tensor alone (one per optimizer, never packed), also when one starts late."""
+    shapes = [(3, 4), (5,), (200, 200), (2, 3, 2), (7,)]
+    assert sum(math.prod(s) < PACK_BELOW for s in shapes) == 4 and 200 * 200 >= PACK_BELOW
+    thetas, grad_seq = _problem(12, shapes=shapes)
+    late = 3  # tensor 3 gets no gradient in the first `late` steps
+    kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.05,
+              foreach=path == "foreach")
+    params = [torch.nn.Parameter(t.clone()) for t in thetas]
+    alone = [torch.nn.Parameter(t.clone()) for t in thetas]
+    opt = DiffGrad(params, **kw)
+    opts = [DiffGrad([p], **kw) for p in alone]
+    for step, grads in enumerate(grad_seq):
+        for i, g in enumerate(grads):
+            grad = None if i == 3 and step < late else g.clone()
+            params[i].grad, alone[i].grad = grad, None if grad is None else grad.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    assert {float(opt.state[p]["step"]) for p in params} == {12.0, 12.0 - late}
+    for a, b in zip(params, alone):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-14)
 
 
 def test_loop_and_foreach_are_bitwise_identical():

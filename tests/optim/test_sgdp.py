@@ -8,6 +8,8 @@ import torch
 from gradkit.optim import SGDP
 from tests.optim.conformance import assert_schedule_does_not_recompile
 from tests.optim.test_adamp import (
+    BIG_KINDS,
+    BIG_SHAPES,
     FUSED_KINDS,
     FUSED_SHAPES,
     FUSED_SMOKE_KINDS,
@@ -111,6 +113,17 @@ def test_float64_parity_with_reference_over_100_steps(path, momentum, dampening,
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["loop", "foreach"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_large_tensors_on_eager_paths_match_reference(path, nesterov):
+    """Large weights are tested one at a time; without nesterov a projected buffer is still
+    stored projected, an unprojected one untouched."""
+    kw = dict(lr=2e-2, momentum=0.9, nesterov=nesterov)
+    assert_same_trajectory(
+        lambda ps: SGDP(ps, weight_decay=0.2, foreach=path == "foreach", **kw),
+        lambda *a: reference_sgdp(*a, wd=0.2, **kw), initial(shapes=BIG_SHAPES), 6, BIG_KINDS)
+
+
 def test_fused_matches_reference_and_lr_changes_do_not_recompile():
     opt = assert_same_trajectory(
         lambda ps: SGDP(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, fused=True),
@@ -135,3 +148,6 @@ def test_matches_adamp_package(nesterov):
     kw = dict(lr=2e-2, momentum=0.9, weight_decay=0.1, nesterov=nesterov)
     assert_same_trajectory(lambda ps: SGDP(ps, **kw),
                            package_trajectory(lambda ps: adamp.SGDP(ps, **kw)), thetas, 50, KINDS)
+    assert_same_trajectory(lambda ps: SGDP(ps, **kw),
+                           package_trajectory(lambda ps: adamp.SGDP(ps, **kw)),
+                           initial(shapes=BIG_SHAPES), 4, BIG_KINDS)

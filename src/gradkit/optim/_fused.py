@@ -213,12 +213,27 @@ def apply_elementwise(opt: torch.optim.Optimizer, kernel: Callable, params: list
             small.append(i)
     run_items(kernel, big, *extra)
     if small:
-        ps = [params[i] for i in small]
-        p_flat = flatten_dense_tensors(ps)
-        bufs = [packed_state(opt, ps, k) for k in keys]
-        kernel(*[alias(t, (-1,)) for t in (p_flat, flatten_dense_tensors(
-            [grads[i] for i in small]), *bufs)], *extra)
+        p_flat, g_flat, bufs, write_back = pack_flat(opt, params, grads, keys, small)
+        kernel(*[alias(t, (-1,)) for t in (p_flat, g_flat, *bufs)], *extra)
+        write_back()
+
+
+def pack_flat(opt: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor],
+              keys: Sequence[str], indices: Sequence[int],
+              ) -> tuple[Tensor, Tensor, list[Tensor], Callable[[], None]]:
+    """Parameters ``indices`` as one flat tensor each of params (a copy), grads (a copy) and
+    state ``keys`` (the persistent packed buffers of :func:`packed_state`), plus the function
+    that copies the updated flat params back. An elementwise update then runs once on the
+    pack instead of once per small tensor."""
+    ps = [params[i] for i in indices]
+    p_flat = flatten_dense_tensors(ps)
+    g_flat = flatten_dense_tensors([grads[i] for i in indices])
+    bufs = [packed_state(opt, ps, k) for k in keys]
+
+    def write_back() -> None:
         torch._foreach_copy_(ps, unflatten_dense_tensors(p_flat, ps))
+
+    return p_flat, g_flat, bufs, write_back
 
 
 def apply_rows(opt: torch.optim.Optimizer, kernel: Callable, params: list[Tensor],
@@ -262,15 +277,72 @@ def apply_rows(opt: torch.optim.Optimizer, kernel: Callable, params: list[Tensor
         torch._foreach_copy_(ps, unflatten_dense_tensors(p_flat, ps))
 
 
+# ------------------------------------------------------------------- cache-sized slices
+# The eager paths run a whole step (every op) on one slice of the parameter list before moving
+# to the next, with slices sized so that the slice's parameters, gradients, state and
+# temporaries stay in the per-core L2 cache. Each op then reads what the previous op just
+# wrote instead of streaming the whole model from memory once per op (the way one foreach op
+# per step over all parameters does). Budget in parameter bytes per slice; a tensor larger
+# than the budget forms a slice of its own.
+CACHE_SLICE_BYTES = 1 << 18
+
+
+def cache_slices(params: Sequence[Tensor], budget: int = CACHE_SLICE_BYTES) -> list[slice]:
+    """Consecutive slices of ``params`` holding at most ``budget`` bytes each (or one tensor)."""
+    out: list[slice] = []
+    start, size = 0, 0
+    for i, p in enumerate(params):
+        nbytes = p.numel() * p.element_size()
+        if i > start and size + nbytes > budget:
+            out.append(slice(start, i))
+            start, size = i, 0
+        size += nbytes
+    if start < len(params):
+        out.append(slice(start, len(params)))
+    return out
+
+
+# elementwise updates cut tensors of more than CUT_ABOVE bytes into pieces of PIECE_BYTES
+CUT_ABOVE = 1 << 20
+PIECE_BYTES = 1 << 19
+
+
+def cut_into_pieces(tensorlists: list[list[Tensor]], extras: list[object],
+                    budget: int = PIECE_BYTES, above: int = CUT_ABOVE,
+                    ) -> tuple[list[list[Tensor]], list[object]]:
+    """For elementwise updates: every tensor of more than ``above`` bytes replaced by flat
+    contiguous pieces of ``budget`` bytes (views, so in-place updates reach the tensor), in
+    all of ``tensorlists`` alike; ``extras`` (one per tensor) repeated for each piece.
+    Tensors whose companions are not all contiguous are kept whole."""
+    out: list[list[Tensor]] = [[] for _ in tensorlists]
+    out_extras: list[object] = []
+    for i, extra in enumerate(extras):
+        group = [ts[i] for ts in tensorlists]
+        step = max(1, budget // group[0].element_size())
+        n = group[0].numel()
+        if n * group[0].element_size() <= above or not _contiguous(group):
+            for dst, t in zip(out, group):
+                dst.append(t)
+            out_extras.append(extra)
+            continue
+        flats = [t.view(-1) for t in group]
+        for start in range(0, n, step):
+            for dst, t in zip(out, flats):
+                dst.append(t[start:start + step])
+            out_extras.append(extra)
+    return out, out_extras
+
+
 class MultiPathOptimizer(torch.optim.Optimizer):
     """``step`` skeleton shared by gradkit optimizers with loop / foreach / fused paths.
 
     Subclasses set ``_name`` and implement ``_init_state(params) -> tuple of state lists``
     (parallel to ``params``) and ``_loop`` / ``_foreach`` / ``_fused``, each called as
     ``(group, params, grads, *state_lists)``; foreach and fused receive one device/dtype
-    bucket at a time. The closure runs under ``torch.enable_grad()``; params whose grad is
-    None are skipped (their state is created the first time a grad appears); sparse grads
-    raise ``RuntimeError``.
+    bucket at a time; loop and foreach receive it in :func:`cache_slices` (the whole step per
+    slice, so state stays in cache). The closure runs under ``torch.enable_grad()``; params
+    whose grad is None are skipped (their state is created the first time a grad appears);
+    sparse grads raise ``RuntimeError``.
     """
 
     _name = "Optimizer"
@@ -305,10 +377,15 @@ class MultiPathOptimizer(torch.optim.Optimizer):
             state_lists = self._init_state(params)
             impl = resolve_impl(params, group["foreach"], group["fused"], False)
             if impl == "loop":
-                self._loop(group, params, grads, *state_lists)
+                for part in cache_slices(params):
+                    self._loop(group, params[part], grads[part], *(s[part] for s in state_lists))
                 continue
-            run = self._foreach if impl == "foreach" else self._fused
             buckets = group_by_device_and_dtype([params, grads, *state_lists])
             for (p_bucket, g_bucket, *state_bucket), _ in buckets.values():
-                run(group, p_bucket, g_bucket, *state_bucket)
+                if impl == "fused":
+                    self._fused(group, p_bucket, g_bucket, *state_bucket)
+                    continue
+                for part in cache_slices(p_bucket):
+                    self._foreach(group, p_bucket[part], g_bucket[part],
+                                  *(s[part] for s in state_bucket))
         return loss

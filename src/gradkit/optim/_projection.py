@@ -33,7 +33,7 @@ avoids a square root of a symbolic size under ``torch.compile``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -122,48 +122,160 @@ def projection_coefficients(p: Tensor, g: Tensor, u: Tensor, delta_sq: float | T
     return _coefficients(pu, p_norm, pl_norm, channel, layer, eps), channel | layer
 
 
-def project_tensors(params: Sequence[Tensor], grads: Sequence[Tensor],
-                    updates: list[Tensor], delta: float, eps: float,
-                    ) -> tuple[list[Tensor], list[Tensor | None]]:
-    """Eager projection of a list of updates; tensors with ``ndim <= 1`` are left alone.
+def eager_plan(p: Tensor, g: Tensor, delta: float, eps: float) -> tuple[str, Tensor] | None:
+    """Eager CPU test for one tensor ``(C, D)``: ``None`` when it is not projected, else
+    ``("channel", row norms of p (C,))`` or ``("layer", norm of p (0-d))``.
 
-    Small same-shaped tensors are stacked and projected together (one batch of ops instead
-    of one per tensor); large ones are projected one at a time, in place. Returns the updates
-    and, per tensor, a bool 0-d "projected" tensor (``None`` if never projected).
+    The same tests as :func:`project`, with fewer ops and Python branches (reading a CPU
+    tensor costs no device sync); only ``p`` and ``g`` are read, so an update that is not
+    projected never has to be materialised.
     """
-    out = list(updates)
-    passed: list[Tensor | None] = [None] * len(updates)
+    p_norm, g_norm, gp = _row_stats(p, g)
+    cos_c = gp.abs().div_(g_norm.clamp_min(eps).mul_(p_norm.clamp_min(eps)))
+    rows, cols = p.shape
+    if bool(cos_c.square_().amax().mul_(cols) < delta * delta):
+        return "channel", p_norm
+    pl_norm = p_norm.square().sum().sqrt()
+    gl_norm = g_norm.square_().sum().sqrt_()
+    cos_l = gp.sum().abs_().div_(gl_norm.clamp_min_(eps).mul_(pl_norm.clamp_min(eps)))
+    if bool(cos_l.square_().mul_(rows * cols) < delta * delta):
+        return "layer", pl_norm
+    return None
+
+
+# row statistics of tensors above this many bytes are taken in pieces of rows this size
+STATS_PIECE_BYTES = 1 << 19
+
+
+def _row_stats(p: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row norms of ``p`` and ``g`` and row dot products ``<g_r, p_r>`` of ``(C, D)``
+    tensors. Large tensors are read in pieces of rows that stay in cache for all three
+    reductions, so each tensor is read from memory once."""
+    rows = p.shape[0]
+    step = max(1, STATS_PIECE_BYTES * rows // max(1, p.numel() * p.element_size()))
+    if step >= rows:
+        return (torch.linalg.vector_norm(p, dim=1), torch.linalg.vector_norm(g, dim=1),
+                torch.linalg.vecdot(g, p, dim=1))
+    stats = p.new_empty(3, rows)
+    for a in range(0, rows, step):
+        p_a, g_a = p[a:a + step], g[a:a + step]
+        torch.linalg.vector_norm(p_a, dim=1, out=stats[0, a:a + step])
+        torch.linalg.vector_norm(g_a, dim=1, out=stats[1, a:a + step])
+        torch.linalg.vecdot(g_a, p_a, dim=1, out=stats[2, a:a + step])
+    return stats[0], stats[1], stats[2]
+
+
+def apply_plan(p: Tensor, u: Tensor, plan: tuple[str, Tensor], eps: float) -> Tensor:
+    """Project ``u`` ``(C, D)`` in place as :func:`eager_plan` decided; returns ``u``."""
+    view, norm = plan
+    if view == "channel":
+        coef = torch.linalg.vecdot(p, u, dim=1).div_((norm + eps).square_())
+        return u.addcmul_(p, coef.unsqueeze(1), value=-1)
+    coef = torch.linalg.vecdot(p.reshape(-1), u.reshape(-1)).div_((norm + eps).square_())
+    return u.add_(p, alpha=-coef.item())
+
+
+# plan of a tensor whose test has not been run yet (see project_tensors / cut_by_plan)
+UNTESTED = "untested"
+Plan = tuple[str, Tensor] | None | str
+
+
+def eager_plans(params: Sequence[Tensor], grads: Sequence[Tensor], delta: float,
+                eps: float) -> list[Plan]:
+    """:func:`eager_plan` of every large CPU tensor (``None`` for large 1-D ones, which are
+    never projected); :data:`UNTESTED` for the others (small or not on CPU)."""
+    out: list[Plan] = []
+    for p, g in zip(params, grads):
+        if (p.device.type != "cpu" or torch.compiler.is_compiling()
+                or p.numel() < STACK_BELOW):
+            out.append(UNTESTED)
+        elif p.ndim <= 1:
+            out.append(None)
+        else:
+            out.append(eager_plan(p.reshape(p.shape[0], -1), g.reshape(p.shape[0], -1),
+                                  delta, eps))
+    return out
+
+
+def cut_by_plan(tensorlists: list[list[Tensor]], plans: list[Plan], extras: list[object],
+                piece_bytes: int, above: int,
+                ) -> tuple[list[list[Tensor]], list[Plan], list[object]]:
+    """Tensors of more than ``above`` bytes whose plan is known to act row by row (not
+    projected, or channel-projected) cut into pieces of whole rows, about ``piece_bytes``
+    each, in all of ``tensorlists`` alike (views: updates reach the tensors); each piece
+    carries its rows' part of the plan and the tensor's ``extras`` entry. Pieces are 2-D
+    ``(rows, D)`` (1-D for 1-D tensors)."""
+    out: list[list[Tensor]] = [[] for _ in tensorlists]
+    out_plans: list[Plan] = []
+    out_extras: list[object] = []
+    for i, (plan, extra) in enumerate(zip(plans, extras)):
+        group = [ts[i] for ts in tensorlists]
+        p = group[0]
+        nbytes = p.numel() * p.element_size()
+        cuttable = plan is None or (isinstance(plan, tuple) and plan[0] == "channel")
+        if nbytes <= above or not cuttable or not all(t.is_contiguous() for t in group):
+            for dst, t in zip(out, group):
+                dst.append(t)
+            out_plans.append(plan)
+            out_extras.append(extra)
+            continue
+        rows = p.shape[0] if p.ndim > 1 else p.numel()
+        views = [t.view(rows, -1) if p.ndim > 1 else t.view(-1) for t in group]
+        step = max(1, piece_bytes * rows // nbytes)
+        for start in range(0, rows, step):
+            for dst, v in zip(out, views):
+                dst.append(v[start:start + step])
+            out_plans.append(None if plan is None else ("channel", plan[1][start:start + step]))
+            out_extras.append(extra)
+    return out, out_plans, out_extras
+
+
+def project_tensors(params: Sequence[Tensor], grads: Sequence[Tensor],
+                    direction: Callable[[int], Tensor], delta: float, eps: float,
+                    plans: Sequence[Plan] | None = None,
+                    ) -> tuple[list[Tensor | None], list[Tensor | bool]]:
+    """Eager projection of the update directions of a list of tensors.
+
+    ``direction(i)`` builds tensor ``i``'s unprojected update; it is called only for tensors
+    whose update may be projected, and the projection writes into what it returns. Tensors
+    with ``ndim <= 1`` are never projected. On CPU, large tensors are tested one at a time
+    from ``p`` and ``g`` alone (:func:`eager_plan`); small same-shaped tensors (and, on other
+    devices, every tensor) go through the branch-free :func:`project`, stacked by shape.
+
+    ``plans`` (from :func:`eager_plans`, possibly cut by :func:`cut_by_plan`) gives the
+    tests already run; entries :data:`UNTESTED` are tested here.
+
+    Returns, per tensor, the projected update (``None`` where it is certainly not projected:
+    the caller then steps along the plain direction) and whether it was projected (a bool,
+    or a bool 0-d tensor from the branch-free path).
+    """
+    n = len(params)
+    out: list[Tensor | None] = [None] * n
+    passed: list[Tensor | bool] = [False] * n
     by_shape: dict[tuple[int, ...], list[int]] = {}
     delta_sq = delta * delta
-    for i, p in enumerate(params):
-        if p.ndim <= 1:
+    if plans is None:
+        plans = eager_plans(params, grads, delta, eps)
+    for i, (p, plan) in enumerate(zip(params, plans)):
+        if p.ndim <= 1 or plan is None:
             continue
-        if p.numel() >= STACK_BELOW:
-            new_u, ok = project(rows_view(p), rows_view(grads[i]), rows_view(updates[i]),
-                                delta_sq, eps)
-            out[i] = new_u.view(p.shape)
-            passed[i] = ok[0]
-        else:
+        if plan == UNTESTED:
             by_shape.setdefault(tuple(p.shape), []).append(i)
+            continue
+        u = direction(i)
+        apply_plan(p.reshape(p.shape[0], -1), u.view(p.shape[0], -1), plan, eps)
+        out[i], passed[i] = u, True
     for shape, idx in by_shape.items():
         c = shape[0]
-        stack = [torch.stack([ts[i] for i in idx]).view(len(idx), c, -1)
-                 for ts in (params, grads, updates)]
+        if len(idx) == 1:
+            i = idx[0]
+            u, ok = project(rows_view(params[i]), rows_view(grads[i]),
+                            rows_view(direction(i)), delta_sq, eps)
+            out[i], passed[i] = u.view(shape), ok[0]
+            continue
+        stack = [torch.stack(ts).view(len(idx), c, -1) for ts in (
+            [params[i] for i in idx], [grads[i] for i in idx], [direction(i) for i in idx])]
         new_u, ok = project(*stack, delta_sq, eps)
         for j, (i, u_j) in enumerate(zip(idx, new_u.view(len(idx), *shape).unbind(0))):
-            out[i] = u_j
-            passed[i] = ok[j]
+            out[i], passed[i] = u_j, ok[j]
     return out, passed
-
-
-def decay_factors(passed: Sequence[Tensor | None], base: float, projected: float,
-                  like: Tensor) -> list[Tensor | float]:
-    """Per tensor multiplicative decay: ``projected`` where the projection fired, else ``base``.
-
-    Returned as 0-d tensors of ``like``'s dtype (no host sync) or plain floats (no projection).
-    """
-    if not any(x is not None for x in passed):
-        return [base] * len(passed)
-    t_base = torch.tensor(base, dtype=like.dtype, device=like.device)
-    t_proj = torch.tensor(projected, dtype=like.dtype, device=like.device)
-    return [base if ok is None else torch.where(ok, t_proj, t_base) for ok in passed]

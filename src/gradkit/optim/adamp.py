@@ -23,7 +23,9 @@ from gradkit.optim._base import (
 )
 from gradkit.optim._moments import init_adam_state, update_adam_moments
 from gradkit.optim._projection import (
-    decay_factors,
+    Plan,
+    cut_by_plan,
+    eager_plans,
     project_tensors,
     projection_coefficients,
 )
@@ -51,30 +53,90 @@ class _ProjectedOptimizer(_fused.MultiPathOptimizer):
         """(factor without projection, factor with projection) for ``p <- p * factor``."""
         raise NotImplementedError
 
+    def _advance(self, params: list[Tensor]) -> list[float]:
+        """Step counts after this step, one per param."""
+        raise NotImplementedError
+
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                steps: list[float], plans: list[Plan], states: list[list[Tensor]],
+                foreach: bool) -> None:
+        """The method's step on (pieces of) tensors, ending in :meth:`_finish`."""
+        raise NotImplementedError
+
+    def _eager(self, group: dict, params: list[Tensor], grads: list[Tensor],
+               states: list[list[Tensor]], foreach: bool) -> None:
+        """Loop / foreach step. Large CPU weights are tested first, from ``p`` and ``g``
+        alone (:func:`~gradkit.optim._projection.eager_plans`); those whose update is then
+        known to act row by row (not projected, or channel-projected) are cut into pieces of
+        whole rows, and the whole step runs one cache-sized piece at a time, so every op
+        after the first reads from cache instead of memory."""
+        steps = self._advance(params)
+        grads = maybe_negate(grads, group["maximize"], foreach)
+        plans = eager_plans(params, grads, group["delta"], group["eps"])
+        lists, plans, steps = cut_by_plan([params, grads, *states], plans, steps,
+                                          _fused.PIECE_BYTES, _fused.CUT_ABOVE)
+        for part in _fused.cache_slices(lists[0]):
+            self._update(group, lists[0][part], lists[1][part], steps[part], plans[part],
+                         [ts[part] for ts in lists[2:]], foreach)
+
     def _finish(self, group: dict, params: list[Tensor], grads: list[Tensor],
-                updates: list[Tensor], step_sizes: list[float], foreach: bool) -> list[Tensor]:
-        """Project, decay and step (per tensor, or with foreach ops); returns the projected
-        updates. Both paths project small same-shaped tensors as one stacked batch."""
-        updates, passed = project_tensors(params, grads, updates, group["delta"], group["eps"])
-        plain, projected = self._decay(group)
-        if plain != 1.0:
-            factors = decay_factors(passed, plain, projected, params[0])
-            scalar_idx = []
-            for i, f in enumerate(factors):  # 0-d tensor factors: no host sync
-                if isinstance(f, Tensor) or not foreach:
-                    params[i].mul_(f)
+                nums: list[Tensor], denoms: list[Tensor] | None, step_sizes: list[float],
+                plans: list[Plan], foreach: bool) -> list[Tensor | None]:
+        """Project, decay and step (per tensor, or with foreach ops).
+
+        The update direction of tensor ``i`` is ``nums[i] / denoms[i]`` (``nums[i]`` when
+        ``denoms`` is None). It is materialised only where it may be projected; elsewhere the
+        step is one ``addcdiv_`` / ``add_``. Returns, per tensor, the projected direction
+        (``None`` where it was not projected).
+        """
+        def direction(i: int) -> Tensor:
+            return nums[i] if denoms is None else nums[i] / denoms[i]
+
+        projected, passed = project_tensors(params, grads, direction, group["delta"],
+                                            group["eps"], plans)
+        plain, scaled = self._decay(group)
+        rest = [i for i, u in enumerate(projected) if u is None]
+        if plain != 1.0 or scaled != 1.0:
+            _scale([params[i] for i in rest], plain, foreach)
+            for i, u in enumerate(projected):
+                if u is None:
+                    continue
+                ok = passed[i]
+                if isinstance(ok, Tensor):  # branch-free path (no host sync)
+                    factors = torch.tensor([plain, scaled], dtype=params[i].dtype,
+                                           device=ok.device)
+                    params[i].mul_(factors[ok.long()])
                 else:
-                    scalar_idx.append(i)
-            if scalar_idx:
-                torch._foreach_mul_([params[i] for i in scalar_idx], plain)
-        if not foreach:
-            for p, u, size in zip(params, updates, step_sizes):
-                p.add_(u, alpha=-size)
-        elif len(set(step_sizes)) == 1:
-            torch._foreach_add_(params, updates, alpha=-step_sizes[0])
-        else:  # differing step counts (a param got its first grad later)
-            torch._foreach_add_(params, torch._foreach_mul(updates, [-s for s in step_sizes]))
-        return updates
+                    params[i].mul_(scaled if ok else plain)
+        for i, u in enumerate(projected):
+            if u is not None:
+                params[i].add_(u, alpha=-step_sizes[i])
+        ps, sizes = [params[i] for i in rest], [-step_sizes[i] for i in rest]
+        if not ps:
+            return projected
+        if denoms is None:
+            if foreach and len(set(sizes)) == 1:
+                torch._foreach_add_(ps, [nums[i] for i in rest], alpha=sizes[0])
+            else:
+                for i, size in zip(rest, sizes):
+                    params[i].add_(nums[i], alpha=size)
+        elif foreach:
+            torch._foreach_addcdiv_(ps, [nums[i] for i in rest], [denoms[i] for i in rest],
+                                    sizes)
+        else:
+            for i, size in zip(rest, sizes):
+                params[i].addcdiv_(nums[i], denoms[i], value=size)
+        return projected
+
+
+def _scale(params: list[Tensor], factor: float, foreach: bool) -> None:
+    if factor == 1.0 or not params:
+        return
+    if foreach:
+        torch._foreach_mul_(params, factor)
+    else:
+        for p in params:
+            p.mul_(factor)
 
 
 @register("adamp")
@@ -144,36 +206,38 @@ class AdamP(_ProjectedOptimizer):
 
     def _loop(self, group: dict, params: list[Tensor], grads: list[Tensor],
               steps: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor]) -> None:
-        lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
-        step_values = _fused.advance_packed_steps(self, params)
-        grads = maybe_negate(grads, group["maximize"], False)
-        updates = []
-        for g, step, m, v in zip(grads, step_values, exp_avgs, exp_avg_sqs):
-            m.lerp_(g, 1.0 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            denom = v.sqrt().div_(math.sqrt(1.0 - beta2**step)).add_(eps)
-            u = torch.lerp(m, g, 1.0 - beta1).div_(denom) if group["nesterov"] else m / denom
-            updates.append(u)
-        sizes = [lr / (1.0 - beta1**s) for s in step_values]
-        self._finish(group, params, grads, updates, sizes, foreach=False)
+        self._eager(group, params, grads, [exp_avgs, exp_avg_sqs], foreach=False)
 
     def _foreach(self, group: dict, params: list[Tensor], grads: list[Tensor],
                  steps: list[Tensor], exp_avgs: list[Tensor],
                  exp_avg_sqs: list[Tensor]) -> None:
+        self._eager(group, params, grads, [exp_avgs, exp_avg_sqs], foreach=True)
+
+    def _advance(self, params: list[Tensor]) -> list[float]:
+        return _fused.advance_packed_steps(self, params)
+
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                steps: list[float], plans: list[Plan], states: list[list[Tensor]],
+                foreach: bool) -> None:
+        """Moments, then the projected step. The bias corrections are folded into eps and
+        the step size: ``m / (sqrt(v / bc2) + eps) / bc1 = c * m / (sqrt(v) + eps sqrt(bc2))``
+        with ``c = sqrt(bc2) / bc1``, which saves one pass over ``v`` (the projection is
+        linear in the update, so the scale commutes with it)."""
         lr, (beta1, beta2), eps = float(group["lr"]), group["betas"], group["eps"]
-        step_values = _fused.advance_packed_steps(self, params)
-        grads = maybe_negate(grads, group["maximize"], True)
-        update_adam_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2, True)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, [math.sqrt(1.0 - beta2**s) for s in step_values])
-        torch._foreach_add_(denom, eps)
-        if group["nesterov"]:
-            updates = list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
-            torch._foreach_div_(updates, denom)
+        exp_avgs, exp_avg_sqs = states
+        update_adam_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2, foreach)
+        root_bc2 = [math.sqrt(1.0 - beta2**s) for s in steps]
+        if foreach:
+            denoms = list(torch._foreach_sqrt(exp_avg_sqs))
+            torch._foreach_add_(denoms, [eps * r for r in root_bc2])
+            nums = (list(torch._foreach_lerp(exp_avgs, grads, 1.0 - beta1))
+                    if group["nesterov"] else exp_avgs)
         else:
-            updates = list(torch._foreach_div(exp_avgs, denom))
-        step_sizes = [lr / (1.0 - beta1**s) for s in step_values]
-        self._finish(group, params, grads, updates, step_sizes, foreach=True)
+            denoms = [v.sqrt().add_(eps * r) for v, r in zip(exp_avg_sqs, root_bc2)]
+            nums = ([torch.lerp(m, g, 1.0 - beta1) for m, g in zip(exp_avgs, grads)]
+                    if group["nesterov"] else exp_avgs)
+        sizes = [lr * r / (1.0 - beta1**s) for s, r in zip(steps, root_bc2)]
+        self._finish(group, params, grads, nums, denoms, sizes, plans, foreach)
 
     def _fused(self, group: dict, params: list[Tensor], grads: list[Tensor],
                steps: list[Tensor], exp_avgs: list[Tensor],
@@ -303,16 +367,20 @@ class SGDP(_ProjectedOptimizer):
 
     def _loop(self, group: dict, params: list[Tensor], grads: list[Tensor],
               bufs: list[Tensor]) -> None:
-        self._sgdp(group, params, grads, bufs, foreach=False)
+        self._eager(group, params, grads, [bufs], foreach=False)
 
     def _foreach(self, group: dict, params: list[Tensor], grads: list[Tensor],
                  bufs: list[Tensor]) -> None:
-        self._sgdp(group, params, grads, bufs, foreach=True)
+        self._eager(group, params, grads, [bufs], foreach=True)
 
-    def _sgdp(self, group: dict, params: list[Tensor], grads: list[Tensor],
-              bufs: list[Tensor], foreach: bool) -> None:
+    def _advance(self, params: list[Tensor]) -> list[float]:
+        return [0.0] * len(params)  # SGDP keeps no step count
+
+    def _update(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                steps: list[float], plans: list[Plan], states: list[list[Tensor]],
+                foreach: bool) -> None:
         mu, damp, nesterov = group["momentum"], group["dampening"], group["nesterov"]
-        grads = maybe_negate(grads, group["maximize"], foreach)
+        (bufs,) = states
         if foreach:
             torch._foreach_mul_(bufs, mu)
             torch._foreach_add_(bufs, grads, alpha=1.0 - damp)
@@ -322,11 +390,11 @@ class SGDP(_ProjectedOptimizer):
                 buf.mul_(mu).add_(g, alpha=1.0 - damp)
             updates = [g.add(b, alpha=mu) for g, b in zip(grads, bufs)] if nesterov else bufs
         # without nesterov the update IS the buffer: as in the reference, it gets projected
-        updates = self._finish(group, params, grads, updates,
-                               [float(group["lr"])] * len(params), foreach)
+        projected = self._finish(group, params, grads, updates, None,
+                                 [float(group["lr"])] * len(params), plans, foreach)
         if not nesterov:
-            for buf, u in zip(bufs, updates):
-                if u.data_ptr() != buf.data_ptr():  # small ones were projected in a stack
+            for buf, u in zip(bufs, projected):
+                if u is not None and u.data_ptr() != buf.data_ptr():  # projected in a stack
                     buf.copy_(u)
 
     def _fused(self, group: dict, params: list[Tensor], grads: list[Tensor],

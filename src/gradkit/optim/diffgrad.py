@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -24,6 +24,10 @@ from gradkit.optim._moments import init_adam_state, update_adam_moments
 from gradkit.optim._registry import register
 
 __all__ = ["DiffGrad"]
+
+# the loop and foreach paths update tensors smaller than this packed together (see _eager)
+PACK_BELOW = 1 << 14
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "previous_grad")
 
 
 @register("diffgrad")
@@ -104,12 +108,44 @@ class DiffGrad(_fused.MultiPathOptimizer):
 
     def _loop(self, group: dict, params: list[Tensor], grads: list[Tensor], _steps,
               *lists: list[Tensor]) -> None:
-        _diffgrad_loop(group, params, grads, _fused.advance_packed_steps(self, params), *lists)
+        self._eager(group, params, grads, lists, _diffgrad_loop)
 
     def _foreach(self, group: dict, params: list[Tensor], grads: list[Tensor], _steps,
                  *lists: list[Tensor]) -> None:
-        _diffgrad_foreach(group, params, grads, _fused.advance_packed_steps(self, params),
-                          *lists)
+        self._eager(group, params, grads, lists, _diffgrad_foreach)
+
+    def _eager(self, group: dict, params: list[Tensor], grads: list[Tensor],
+               lists: tuple[list[Tensor], ...], update: Callable[..., None]) -> None:
+        """Run ``update`` (loop or foreach body) on cache-sized pieces. The update is
+        elementwise, so it may regroup elements freely: tensors below :data:`PACK_BELOW`
+        elements are packed into one flat tensor per step count (fewer, larger ops), large
+        ones are cut into flat pieces that stay in cache for all ops of the step
+        (:func:`~gradkit.optim._fused.cut_into_pieces`)."""
+        step_values = _fused.advance_packed_steps(self, params)
+        small = [i for i, p in enumerate(params) if p.numel() < PACK_BELOW]
+        if len(small) < 2:
+            small = []
+        taken = set(small)
+        rest = [i for i in range(len(params)) if i not in taken]
+        ps, gs = [params[i] for i in rest], [grads[i] for i in rest]
+        states = [[state[i] for i in rest] for state in lists]
+        steps = [step_values[i] for i in rest]
+        write_backs = []
+        for step, positions in _fused.indices_by_value([step_values[i] for i in small]).items():
+            p_flat, g_flat, bufs, write_back = _fused.pack_flat(
+                self, params, grads, _STATE_KEYS, [small[j] for j in positions])
+            ps.append(p_flat)
+            gs.append(g_flat)
+            for state, buf in zip(states, bufs):
+                state.append(buf)
+            steps.append(step)
+            write_backs.append(write_back)
+        lists, steps = _fused.cut_into_pieces([ps, gs, *states], steps)
+        for part in _fused.cache_slices(lists[0], _fused.PIECE_BYTES):
+            update(group, *(ts[part] for ts in lists[:2]), steps[part],
+                   *(ts[part] for ts in lists[2:]))
+        for write_back in write_backs:
+            write_back()
 
     def _fused(self, group: dict, params: list[Tensor], grads: list[Tensor],
                *state_lists: list[Tensor]) -> None:
@@ -121,8 +157,7 @@ class DiffGrad(_fused.MultiPathOptimizer):
             keep = 0.0 if group["legacy_alias_bug"] and step > 1 else 1.0
             s = _fused.scalars((sign, wd, 1.0 - beta1, beta2, 1.0 - beta2, eps,
                                 -_step_size(lr, beta1, beta2, step), keep), params[0])
-            _fused.apply_elementwise(self, kernel, params, grads,
-                                     ("exp_avg", "exp_avg_sq", "previous_grad"), s, indices=idx)
+            _fused.apply_elementwise(self, kernel, params, grads, _STATE_KEYS, s, indices=idx)
 
 
 def _hyper(group: dict) -> tuple[float, float, float, float, float]:
