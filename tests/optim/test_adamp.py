@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gradkit.optim import AdamP, _fused
+from gradkit.optim import adamp as adamp_module
 from gradkit.optim._projection import STACK_BELOW, project, rows_view
 from tests.optim.conformance import assert_schedule_does_not_recompile
 
@@ -260,7 +261,16 @@ def test_foreach_stacks_same_shaped_tensors_and_matches_loop():
         torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-15)
 
 
-def test_fused_matches_reference_and_lr_changes_do_not_recompile():
+@pytest.fixture
+def compiled_kernel_only(monkeypatch):
+    """Fused AdamP without the native CPU kernel: large weights take the torch.compile one."""
+    monkeypatch.setattr(adamp_module, "adamp_kernels", lambda: None)
+
+
+@pytest.mark.parametrize("kernel", ["native where available", "torch.compile only"])
+def test_fused_matches_reference_and_lr_changes_do_not_recompile(kernel, request):
+    if kernel == "torch.compile only":
+        request.getfixturevalue("compiled_kernel_only")
     opt = assert_same_trajectory(
         lambda ps: AdamP(ps, lr=1e-2, weight_decay=0.1, fused=True),
         lambda *a: reference_adamp(*a, lr=1e-2, wd=0.1),
@@ -269,7 +279,7 @@ def test_fused_matches_reference_and_lr_changes_do_not_recompile():
 
 
 @pytest.mark.slow  # compiles a second kernel variant (~20 s cold)
-def test_fused_chunked_big_tensors_match_reference():
+def test_fused_chunked_big_tensors_match_reference(compiled_kernel_only):
     """More big weights than ``_fused.CHUNK`` (channel, layer and unprojected ones, different
     sizes in one chunk): several per compiled call, the remainder one call each."""
     shapes = [(200, 200), (64, 600), (200, 200), (300, 120), (200, 200), (6,)]
@@ -282,7 +292,7 @@ def test_fused_chunked_big_tensors_match_reference():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_fused_float64_parity_with_reference_over_100_steps(nesterov):
+def test_fused_float64_parity_with_reference_over_100_steps(nesterov, compiled_kernel_only):
     kw = dict(lr=1e-2, nesterov=nesterov)
     assert_same_trajectory(lambda ps: AdamP(ps, weight_decay=0.2, fused=True, **kw),
                            lambda *a: reference_adamp(*a, wd=0.2, **kw),

@@ -33,6 +33,7 @@ avoids a square root of a symbolic size under ``torch.compile``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -122,23 +123,26 @@ def projection_coefficients(p: Tensor, g: Tensor, u: Tensor, delta_sq: float | T
     return _coefficients(pu, p_norm, pl_norm, channel, layer, eps), channel | layer
 
 
-def eager_plan(p: Tensor, g: Tensor, delta: float, eps: float) -> tuple[str, Tensor] | None:
+def eager_plan(p: Tensor, g: Tensor, delta: float, eps: float,
+               ) -> tuple[str, Tensor | float] | None:
     """Eager CPU test for one tensor ``(C, D)``: ``None`` when it is not projected, else
-    ``("channel", row norms of p (C,))`` or ``("layer", norm of p (0-d))``.
+    ``("channel", row norms of p (C,))`` or ``("layer", norm of p)``.
 
-    The same tests as :func:`project`, with fewer ops and Python branches (reading a CPU
+    The same tests as :func:`project`, with few ops and Python branches (reading a CPU
     tensor costs no device sync); only ``p`` and ``g`` are read, so an update that is not
-    projected never has to be materialised.
+    projected never has to be materialised. The channel test compares in the tensor's dtype
+    as the reference does; the layer test (rarely deciding) is computed in Python floats from
+    the row statistics.
     """
-    p_norm, g_norm, gp = _row_stats(p, g)
-    cos_c = gp.abs().div_(g_norm.clamp_min(eps).mul_(p_norm.clamp_min(eps)))
+    stats = _row_stats(p, g)
+    p_norm = stats[0]
     rows, cols = p.shape
-    if bool(cos_c.square_().amax().mul_(cols) < delta * delta):
+    cos_c = stats[2].abs().div_(stats[1].clamp_min(eps).mul_(p_norm.clamp_min(eps)))
+    if bool(cos_c.amax() < delta / math.sqrt(cols)):
         return "channel", p_norm
-    pl_norm = p_norm.square().sum().sqrt()
-    gl_norm = g_norm.square_().sum().sqrt_()
-    cos_l = gp.sum().abs_().div_(gl_norm.clamp_min_(eps).mul_(pl_norm.clamp_min(eps)))
-    if bool(cos_l.square_().mul_(rows * cols) < delta * delta):
+    pl_norm, gl_norm = torch.linalg.vector_norm(stats[:2], dim=1).tolist()
+    cos_l = abs(float(stats[2].sum())) / (max(gl_norm, eps) * max(pl_norm, eps))
+    if cos_l < delta / math.sqrt(rows * cols):
         return "layer", pl_norm
     return None
 
@@ -147,37 +151,34 @@ def eager_plan(p: Tensor, g: Tensor, delta: float, eps: float) -> tuple[str, Ten
 STATS_PIECE_BYTES = 1 << 19
 
 
-def _row_stats(p: Tensor, g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Row norms of ``p`` and ``g`` and row dot products ``<g_r, p_r>`` of ``(C, D)``
-    tensors. Large tensors are read in pieces of rows that stay in cache for all three
-    reductions, so each tensor is read from memory once."""
+def _row_stats(p: Tensor, g: Tensor) -> Tensor:
+    """``(3, C)``: row norms of ``p`` and ``g`` and row dot products ``<g_r, p_r>`` of
+    ``(C, D)`` tensors. Large tensors are read in pieces of rows that stay in cache for all
+    three reductions, so each tensor is read from memory once."""
     rows = p.shape[0]
     step = max(1, STATS_PIECE_BYTES * rows // max(1, p.numel() * p.element_size()))
-    if step >= rows:
-        return (torch.linalg.vector_norm(p, dim=1), torch.linalg.vector_norm(g, dim=1),
-                torch.linalg.vecdot(g, p, dim=1))
     stats = p.new_empty(3, rows)
     for a in range(0, rows, step):
         p_a, g_a = p[a:a + step], g[a:a + step]
         torch.linalg.vector_norm(p_a, dim=1, out=stats[0, a:a + step])
         torch.linalg.vector_norm(g_a, dim=1, out=stats[1, a:a + step])
         torch.linalg.vecdot(g_a, p_a, dim=1, out=stats[2, a:a + step])
-    return stats[0], stats[1], stats[2]
+    return stats
 
 
-def apply_plan(p: Tensor, u: Tensor, plan: tuple[str, Tensor], eps: float) -> Tensor:
+def apply_plan(p: Tensor, u: Tensor, plan: tuple[str, Tensor | float], eps: float) -> Tensor:
     """Project ``u`` ``(C, D)`` in place as :func:`eager_plan` decided; returns ``u``."""
     view, norm = plan
     if view == "channel":
         coef = torch.linalg.vecdot(p, u, dim=1).div_((norm + eps).square_())
         return u.addcmul_(p, coef.unsqueeze(1), value=-1)
-    coef = torch.linalg.vecdot(p.reshape(-1), u.reshape(-1)).div_((norm + eps).square_())
-    return u.add_(p, alpha=-coef.item())
+    coef = float(torch.linalg.vecdot(p.reshape(-1), u.reshape(-1))) / (norm + eps) ** 2
+    return u.add_(p, alpha=-coef)
 
 
 # plan of a tensor whose test has not been run yet (see project_tensors / cut_by_plan)
 UNTESTED = "untested"
-Plan = tuple[str, Tensor] | None | str
+Plan = tuple[str, Tensor | float] | None | str
 
 
 def eager_plans(params: Sequence[Tensor], grads: Sequence[Tensor], delta: float,

@@ -22,8 +22,11 @@ from gradkit.optim._base import (
     step_counter,
 )
 from gradkit.optim._moments import init_adam_state, update_adam_moments
+from gradkit.optim._native import AdamPKernels, adamp_kernels
 from gradkit.optim._projection import (
     Plan,
+    _coefficients,
+    _tests,
     cut_by_plan,
     eager_plans,
     project_tensors,
@@ -168,6 +171,14 @@ class AdamP(_ProjectedOptimizer):
     hyperparameters passed as tensors so lr schedules do not recompile. Per weight it makes two
     passes over memory: the row reductions (reading p, g, m, v: 16 bytes/param in fp32), then
     the update of p, m, v (28 bytes/param); the projected direction is recomputed, not stored.
+    On CPU, large float32/float64 weights instead take a hand-written two-pass C kernel
+    (:mod:`gradkit.optim._native`, built on first use; the compiled kernel is the fallback):
+    pass 1 reads p, g, m, v once, updates m, v and writes the unprojected direction into a
+    scratch buffer the size of the largest weight while it sums the rows; pass 2 reads p and
+    the direction and writes p, rows in reverse so that it starts on what is still in cache.
+    Inductor cannot fuse the moment updates into the row reductions, which is what this saves.
+    The eager paths test large CPU weights from p and g before building any update, and run
+    the step in cache-sized pieces of rows (see ``_ProjectedOptimizer._eager``).
     State per parameter: ``step`` (float32 CPU scalar tensor), ``exp_avg``, ``exp_avg_sq``.
     """
 
@@ -247,13 +258,46 @@ class AdamP(_ProjectedOptimizer):
         kernel = _fused.compiled(_adamp_kernel)
         rows = [p.ndim > 1 for p in params]
         step_values = _fused.advance_packed_steps(self, params)
+        native = adamp_kernels() if params[0].device.type == "cpu" else None
         for step, idx in _fused.indices_by_value(step_values).items():
-            s = _fused.scalars((-1.0 if group["maximize"] else 1.0, 1.0 - beta1, beta2,
-                                1.0 - beta2, 1.0 / math.sqrt(1.0 - beta2**step), eps,
-                                -lr / (1.0 - beta1**step), group["delta"] ** 2, plain,
-                                projected), params[0])
+            hyper = (-1.0 if group["maximize"] else 1.0, 1.0 - beta1, beta2, 1.0 - beta2,
+                     1.0 / math.sqrt(1.0 - beta2**step), eps)
+            neg_step = -lr / (1.0 - beta1**step)
+            if native is not None:
+                idx = [i for i in idx if not self._native_step(
+                    native, group, params[i], grads[i], hyper, neg_step, rows[i])]
+                if not idx:
+                    continue
+            s = _fused.scalars((*hyper, neg_step, group["delta"] ** 2, plain, projected),
+                               params[0])
             _fused.apply_rows(self, kernel, params, grads, ("exp_avg", "exp_avg_sq"), rows, s,
                               group["nesterov"], indices=idx)
+
+    def _native_step(self, native: AdamPKernels, group: dict, p: Tensor, g: Tensor,
+                     hyper: tuple[float, ...], neg_step: float, row_structured: bool,
+                     ) -> bool:
+        """The hand-written two-pass kernel (:mod:`gradkit.optim._native`) for one large
+        CPU weight; False (nothing done) where it does not apply."""
+        state = self.state[p]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if not (row_structured and p.numel() >= _fused.BIG_NUMEL
+                and native.supports(p, g, m, v)):
+            return False
+        scratch = self.__dict__.get("_gradkit_scratch")  # dropped by Optimizer pickling
+        if scratch is None or scratch.numel() < p.numel() or scratch.dtype != p.dtype:
+            scratch = self.__dict__["_gradkit_scratch"] = torch.empty(p.numel(),
+                                                                      dtype=p.dtype)
+        u, rows = scratch[:p.numel()], p.shape[0]
+        sums = native.pass1(p, g, m, v, u, rows, hyper, group["nesterov"])
+        p_norm, g_norm = sums[:2].sqrt().unsqueeze(1)
+        eps = group["eps"]
+        channel, layer, pl_norm = _tests(p_norm, g_norm, sums[2:3], p.numel() // rows,
+                                         group["delta"] ** 2, eps)
+        coef = _coefficients(sums[3:4], p_norm, pl_norm, channel, layer, eps).reshape(-1)
+        plain, projected = self._decay(group)
+        native.pass2(p, u, coef.contiguous(), rows,
+                     projected if bool(channel | layer) else plain, neg_step)
+        return True
 
 
 def _project_and_step(p: Tensor, g: Tensor, direction: Callable[[], Tensor], eps: Tensor,
