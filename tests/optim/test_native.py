@@ -117,3 +117,24 @@ def test_env_switch_disables_the_native_kernel(fresh_build, monkeypatch):
     monkeypatch.setenv("GRADKIT_NATIVE", "0")
     assert _native.adamp_kernels() is None
     assert adamp_module.adamp_kernels is _native.adamp_kernels
+
+
+@needs_compiler
+@pytest.mark.parametrize("kind", ["channel", "layer", "free", "zero row"])
+def test_decision_matches_the_torch_projection(kind):
+    """The C decision from row sums equals gradkit.optim._projection's branch-free one."""
+    from gradkit.optim._projection import projection_coefficients
+
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(12, 30, generator=gen, dtype=torch.float64)
+    if kind == "zero row":
+        p[3] = 0.0
+    g = make_grads([p + (p == 0)], ["free" if kind == "free" else
+                                    "layer" if kind == "layer" else "channel"], gen)[0]
+    g = g * (p != 0)
+    u = torch.randn(12, 30, generator=gen, dtype=torch.float64)
+    sums = torch.stack([(p * p).sum(1), (g * g).sum(1), (g * p).sum(1), (p * u).sum(1)])
+    coef, hit = _native.adamp_kernels().decide(sums.contiguous(), 30, 0.01, 1e-8)
+    want, ok = projection_coefficients(p[None], g[None], u[None], 0.01, 1e-8)
+    assert hit == bool(ok[0]) == (kind != "free")
+    torch.testing.assert_close(coef, want.reshape(-1), rtol=1e-12, atol=1e-15)

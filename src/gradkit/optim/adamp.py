@@ -25,8 +25,6 @@ from gradkit.optim._moments import init_adam_state, update_adam_moments
 from gradkit.optim._native import AdamPKernels, adamp_kernels
 from gradkit.optim._projection import (
     Plan,
-    _coefficients,
-    _tests,
     cut_by_plan,
     eager_plans,
     project_tensors,
@@ -289,14 +287,9 @@ class AdamP(_ProjectedOptimizer):
                                                                       dtype=p.dtype)
         u, rows = scratch[:p.numel()], p.shape[0]
         sums = native.pass1(p, g, m, v, u, rows, hyper, group["nesterov"])
-        p_norm, g_norm = sums[:2].sqrt().unsqueeze(1)
-        eps = group["eps"]
-        channel, layer, pl_norm = _tests(p_norm, g_norm, sums[2:3], p.numel() // rows,
-                                         group["delta"] ** 2, eps)
-        coef = _coefficients(sums[3:4], p_norm, pl_norm, channel, layer, eps).reshape(-1)
+        coef, hit = native.decide(sums, p.numel() // rows, group["delta"] ** 2, group["eps"])
         plain, projected = self._decay(group)
-        native.pass2(p, u, coef.contiguous(), rows,
-                     projected if bool(channel | layer) else plain, neg_step)
+        native.pass2(p, u, coef, rows, projected if hit else plain, neg_step)
         return True
 
 

@@ -109,6 +109,9 @@ class AdamPKernels:
             two.argtypes = [i64, i64, i64, ptr, ptr, ptr, f64, f64]
             two.restype = None
             self._pass1[dtype], self._pass2[dtype] = one, two
+        self._decide = lib.adamp_decide
+        self._decide.argtypes = [i64, i64, ptr, ptr, f64, f64]
+        self._decide.restype = c_int
 
     @staticmethod
     def supports(*tensors: Tensor) -> bool:
@@ -128,6 +131,16 @@ class AdamPKernels:
         ptrs = [t.data_ptr() for t in (p, g, m, v, u, sums)]
         _run_rows(rows, lambda a, b: fn(a, b, rows, cols, *ptrs, *hyper, int(nesterov)))
         return sums
+
+    def decide(self, sums: Tensor, cols: int, delta_sq: float, eps: float,
+               ) -> tuple[Tensor, bool]:
+        """From :meth:`pass1`'s sums: per-row coefficients (float64) of ``p`` removed from
+        the direction, and whether the weight is projected (channel view first, then layer;
+        the tests of :mod:`gradkit.optim._projection`)."""
+        rows = sums.shape[1]
+        coef = torch.empty(rows, dtype=torch.float64)
+        hit = self._decide(rows, cols, sums.data_ptr(), coef.data_ptr(), delta_sq, eps)
+        return coef, bool(hit)
 
     def pass2(self, p: Tensor, u: Tensor, coef: Tensor, rows: int, factor: float,
               neg_step: float) -> None:

@@ -65,3 +65,34 @@ void adamp_pass2_##T(int64_t begin, int64_t end, int64_t cols, T* p, const T* u,
 
 DEFINE_ADAMP(float, sqrtf, float)
 DEFINE_ADAMP(double, sqrt, double)
+
+/* The projection decision from pass 1's row sums (as gradkit.optim._projection._tests and
+ * _coefficients, in double): fills coef[r] with the coefficient of p removed from row r's
+ * direction (0 when not projected) and returns 1 if the weight is projected. The channel
+ * view (rows) is tried first, the layer view (the whole weight) if it fails. */
+int adamp_decide(int64_t rows, int64_t cols, const double* sums, double* coef,
+                 double delta_sq, double eps) {
+    const double* pp = sums; const double* gg = sums + rows;
+    const double* gp = sums + 2 * rows; const double* pu = sums + 3 * rows;
+    double max_cos_sq_d = 0, pl_sq = 0, gl_sq = 0, gp_all = 0, pu_all = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        double pn = sqrt(pp[r]), gn = sqrt(gg[r]);
+        double cos = fabs(gp[r]) / (fmax(gn, eps) * fmax(pn, eps));
+        double c2d = cos * cos * (double)cols;
+        if (c2d > max_cos_sq_d || isnan(c2d)) max_cos_sq_d = c2d;  /* NaN fails the test */
+        pl_sq += pn * pn; gl_sq += gn * gn; gp_all += gp[r]; pu_all += pu[r];
+    }
+    if (max_cos_sq_d < delta_sq) {
+        for (int64_t r = 0; r < rows; r++) {
+            double d = sqrt(pp[r]) + eps;
+            coef[r] = pu[r] / (d * d);
+        }
+        return 1;
+    }
+    double pl = sqrt(pl_sq), gl = sqrt(gl_sq);
+    double cos_l = fabs(gp_all) / (fmax(gl, eps) * fmax(pl, eps));
+    int layer = cos_l * cos_l * (double)(rows * cols) < delta_sq;
+    double c = layer ? pu_all / ((pl + eps) * (pl + eps)) : 0.0;
+    for (int64_t r = 0; r < rows; r++) coef[r] = c;
+    return layer;
+}
