@@ -284,7 +284,7 @@ def apply_rows(opt: torch.optim.Optimizer, kernel: Callable, params: list[Tensor
 # wrote instead of streaming the whole model from memory once per op (the way one foreach op
 # per step over all parameters does). Budget in parameter bytes per slice; a tensor larger
 # than the budget forms a slice of its own.
-CACHE_SLICE_BYTES = 1 << 18
+CACHE_SLICE_BYTES = 1 << 20
 
 
 def cache_slices(params: Sequence[Tensor], budget: int = CACHE_SLICE_BYTES) -> list[slice]:
