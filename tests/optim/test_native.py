@@ -138,3 +138,18 @@ def test_decision_matches_the_torch_projection(kind):
     want, ok = projection_coefficients(p[None], g[None], u[None], 0.01, 1e-8)
     assert hit == bool(ok[0]) == (kind != "free")
     torch.testing.assert_close(coef, want.reshape(-1), rtol=1e-12, atol=1e-15)
+
+
+@needs_compiler
+def test_native_step_bumps_autograd_version_counters(monkeypatch):
+    """Raw-pointer writes must still invalidate graphs that saved the weight."""
+    calls = _count_native_calls(monkeypatch)
+    p = torch.nn.Parameter(torch.randn(256, 160))
+    p.grad = torch.randn_like(p)
+    opt = AdamP([p], lr=1e-2, fused=True)
+    opt.step()
+    m = opt.state[p]["exp_avg"]
+    before = (p._version, m._version)
+    opt.step()
+    assert calls["n"] == 2
+    assert p._version > before[0] and m._version > before[1]

@@ -281,10 +281,10 @@ class AdamP(_ProjectedOptimizer):
         if not (row_structured and p.numel() >= _fused.BIG_NUMEL
                 and native.supports(p, g, m, v)):
             return False
-        scratch = self.__dict__.get("_gradkit_scratch")  # dropped by Optimizer pickling
-        if scratch is None or scratch.numel() < p.numel() or scratch.dtype != p.dtype:
-            scratch = self.__dict__["_gradkit_scratch"] = torch.empty(p.numel(),
-                                                                      dtype=p.dtype)
+        scratches = self.__dict__.setdefault("_gradkit_scratch", {})  # not pickled
+        scratch = scratches.get(p.dtype)
+        if scratch is None or scratch.numel() < p.numel():
+            scratch = scratches[p.dtype] = torch.empty(p.numel(), dtype=p.dtype)
         u, rows = scratch[:p.numel()], p.shape[0]
         sums = native.pass1(p, g, m, v, u, rows, hyper, group["nesterov"])
         coef, hit = native.decide(sums, p.numel() // rows, group["delta"] ** 2, group["eps"])

@@ -130,6 +130,7 @@ class AdamPKernels:
         fn = self._pass1[p.dtype]
         ptrs = [t.data_ptr() for t in (p, g, m, v, u, sums)]
         _run_rows(rows, lambda a, b: fn(a, b, rows, cols, *ptrs, *hyper, int(nesterov)))
+        _written(m, v, u)
         return sums
 
     def decide(self, sums: Tensor, cols: int, delta_sq: float, eps: float,
@@ -149,10 +150,18 @@ class AdamPKernels:
         fn = self._pass2[p.dtype]
         ptrs = [p.data_ptr(), u.data_ptr(), coef.data_ptr()]
         _run_rows(rows, lambda a, b: fn(a, b, cols, *ptrs, factor, neg_step))
+        _written(p)
+
+
+def _written(*tensors: Tensor) -> None:
+    """Writes through raw pointers bypass autograd's version counters; bump them, so that a
+    graph that saved one of these tensors fails loudly as after any in-place op."""
+    torch.autograd.graph.increment_version(tensors)
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """A pool per process (``pid``): a forked child must not reuse its parent's threads."""
     return ThreadPoolExecutor(workers, thread_name_prefix="gradkit-native")
 
 
@@ -163,7 +172,7 @@ def _run_rows(rows: int, fn) -> None:
         fn(0, rows)
         return
     bounds = [rows * i // threads for i in range(threads + 1)]
-    futures = [_pool(threads).submit(fn, a, b) for a, b in itertools.pairwise(bounds)]
+    futures = [_pool(threads, os.getpid()).submit(fn, a, b) for a, b in itertools.pairwise(bounds)]
     for f in futures:
         f.result()
 
