@@ -19,14 +19,14 @@ KINDS = ["channel", "layer", "free", "free", "free"]
 # fused-path problems: a big tensor (own kernel call), stacked same-shaped ones, packed 1-D
 FUSED_SHAPES = [(200, 200), (4, 6), (4, 6), *SHAPES]
 FUSED_KINDS = ["channel", "channel", "layer", *KINDS]
-# eager paths: tensors above _projection.STACK_BELOW are tested one at a time from p and g
-# (channel, layer and unprojected ones); above _fused.CUT_ABOVE bytes, channel-projected and
-# unprojected ones are then stepped in pieces of rows (a 1-D one in flat pieces). Beside
-# them a stack of small ones and a small 1-D one.
-BIG_SHAPES = [(256, 128), (64, 8, 8, 8), (128, 300), (600, 300), (700, 200), (140_000,),
-              (330, 8, 8, 8), (4, 6), (4, 6), (6,)]
-BIG_KINDS = ["channel", "layer", "free", "channel", "free", "free", "layer", "channel", "free",
-             "free"]
+# eager paths: tensors above _projection.STACK_BELOW are tested from p and g before the
+# update (same-shaped ones together: the three (256, 128) ones, one of each branch); above
+# _fused.CUT_ABOVE bytes, channel-projected and unprojected ones are then stepped in pieces of
+# rows (a 1-D one in flat pieces). Beside them a stack of small ones and a small 1-D one.
+BIG_SHAPES = [(256, 128), (256, 128), (256, 128), (64, 8, 8, 8), (128, 300), (600, 300),
+              (700, 200), (140_000,), (330, 8, 8, 8), (4, 6), (4, 6), (6,)]
+BIG_KINDS = ["channel", "layer", "free", "layer", "free", "channel", "free", "free", "layer",
+             "channel", "free", "free"]
 
 
 def reference_projection(p, g, u, delta, wd_ratio, eps):
@@ -241,8 +241,8 @@ def test_float64_parity_with_reference_over_100_steps(path, wd, nesterov):
 def test_large_tensors_on_eager_paths_match_reference(path, nesterov):
     """Large weights skip the stacked branch-free projection and are not materialised unless
     projected: every branch (channel, layer, none) still follows the equations."""
-    assert min(math.prod(s) for s in BIG_SHAPES[:7]) >= STACK_BELOW
-    assert min(math.prod(s) * 8 for s in BIG_SHAPES[3:7]) > _fused.CUT_ABOVE
+    assert min(math.prod(s) for s in BIG_SHAPES[:9]) >= STACK_BELOW
+    assert min(math.prod(s) * 8 for s in BIG_SHAPES[5:9]) > _fused.CUT_ABOVE
     kw = dict(lr=1e-2, nesterov=nesterov)
     assert_same_trajectory(
         lambda ps: AdamP(ps, weight_decay=0.2, foreach=path == "foreach", **kw),

@@ -123,41 +123,44 @@ def projection_coefficients(p: Tensor, g: Tensor, u: Tensor, delta_sq: float | T
     return _coefficients(pu, p_norm, pl_norm, channel, layer, eps), channel | layer
 
 
-def eager_plan(p: Tensor, g: Tensor, delta: float, eps: float,
-               ) -> tuple[str, Tensor | float] | None:
-    """Eager CPU test for one tensor ``(C, D)``: ``None`` when it is not projected, else
+def _plans_from_stats(stats: Tensor, cols: int, delta: float, eps: float) -> list[Plan]:
+    """Eager CPU tests of ``N`` same-shaped tensors ``(C, D)`` from their row statistics
+    ``(N, 3, C)`` (:func:`_row_stats`): per tensor ``None`` when it is not projected, else
     ``("channel", row norms of p (C,))`` or ``("layer", norm of p)``.
 
-    The same tests as :func:`project`, with few ops and Python branches (reading a CPU
-    tensor costs no device sync); only ``p`` and ``g`` are read, so an update that is not
-    projected never has to be materialised. The channel test compares in the tensor's dtype
-    as the reference does; the layer test (rarely deciding) is computed in Python floats from
-    the row statistics.
+    The same tests as :func:`project`, batched over the tensors and finished with Python
+    branches (reading a CPU tensor costs no device sync). The channel test compares in the
+    tensors' dtype as the reference does; the layer test (rarely deciding) is computed in
+    Python floats from the row statistics.
     """
-    stats = _row_stats(p, g)
-    p_norm = stats[0]
-    rows, cols = p.shape
-    cos_c = stats[2].abs().div_(stats[1].clamp_min(eps).mul_(p_norm.clamp_min(eps)))
-    if bool(cos_c.amax() < delta / math.sqrt(cols)):
-        return "channel", p_norm
-    pl_norm, gl_norm = torch.linalg.vector_norm(stats[:2], dim=1).tolist()
-    cos_l = abs(float(stats[2].sum())) / (max(gl_norm, eps) * max(pl_norm, eps))
-    if cos_l < delta / math.sqrt(rows * cols):
-        return "layer", pl_norm
-    return None
+    rows = stats.shape[2]
+    p_norm, g_norm, gp = stats.unbind(1)
+    cos_c = gp.abs().div_(g_norm.clamp_min(eps).mul_(p_norm.clamp_min(eps)))
+    channel = (cos_c.amax(1) < delta / math.sqrt(cols)).tolist()
+    norms = torch.linalg.vector_norm(stats[:, :2], dim=2).tolist()
+    plans: list[Plan] = []
+    for i, (is_channel, (pl_norm, gl_norm), gp_sum) in enumerate(
+            zip(channel, norms, gp.sum(1).tolist())):
+        if is_channel:
+            plans.append(("channel", p_norm[i]))
+        elif (abs(gp_sum) / (max(gl_norm, eps) * max(pl_norm, eps))
+              < delta / math.sqrt(rows * cols)):
+            plans.append(("layer", pl_norm))
+        else:
+            plans.append(None)
+    return plans
 
 
 # row statistics of tensors above this many bytes are taken in pieces of rows this size
 STATS_PIECE_BYTES = 1 << 19
 
 
-def _row_stats(p: Tensor, g: Tensor) -> Tensor:
-    """``(3, C)``: row norms of ``p`` and ``g`` and row dot products ``<g_r, p_r>`` of
-    ``(C, D)`` tensors. Large tensors are read in pieces of rows that stay in cache for all
-    three reductions, so each tensor is read from memory once."""
+def _row_stats(p: Tensor, g: Tensor, stats: Tensor) -> Tensor:
+    """Into ``stats`` ``(3, C)``: row norms of ``p`` and ``g`` and row dot products
+    ``<g_r, p_r>`` of ``(C, D)`` tensors. Large tensors are read in pieces of rows that stay
+    in cache for all three reductions, so each tensor is read from memory once."""
     rows = p.shape[0]
     step = max(1, STATS_PIECE_BYTES * rows // max(1, p.numel() * p.element_size()))
-    stats = p.new_empty(3, rows)
     for a in range(0, rows, step):
         p_a, g_a = p[a:a + step], g[a:a + step]
         torch.linalg.vector_norm(p_a, dim=1, out=stats[0, a:a + step])
@@ -167,7 +170,7 @@ def _row_stats(p: Tensor, g: Tensor) -> Tensor:
 
 
 def apply_plan(p: Tensor, u: Tensor, plan: tuple[str, Tensor | float], eps: float) -> Tensor:
-    """Project ``u`` ``(C, D)`` in place as :func:`eager_plan` decided; returns ``u``."""
+    """Project ``u`` ``(C, D)`` in place as :func:`eager_plans` decided; returns ``u``."""
     view, norm = plan
     if view == "channel":
         coef = torch.linalg.vecdot(p, u, dim=1).div_((norm + eps).square_())
@@ -183,18 +186,27 @@ Plan = tuple[str, Tensor | float] | None | str
 
 def eager_plans(params: Sequence[Tensor], grads: Sequence[Tensor], delta: float,
                 eps: float) -> list[Plan]:
-    """:func:`eager_plan` of every large CPU tensor (``None`` for large 1-D ones, which are
-    never projected); :data:`UNTESTED` for the others (small or not on CPU)."""
+    """The projection test of every large CPU tensor, run now from ``p`` and ``g`` alone so
+    that an update that is not projected never has to be materialised (see
+    :func:`_plans_from_stats`; same-shaped tensors are tested together). ``None`` for large
+    1-D tensors (never projected); :data:`UNTESTED` for the others (small or not on CPU)."""
     out: list[Plan] = []
-    for p, g in zip(params, grads):
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, p in enumerate(params):
         if (p.device.type != "cpu" or torch.compiler.is_compiling()
                 or p.numel() < STACK_BELOW):
             out.append(UNTESTED)
         elif p.ndim <= 1:
             out.append(None)
         else:
-            out.append(eager_plan(p.reshape(p.shape[0], -1), g.reshape(p.shape[0], -1),
-                                  delta, eps))
+            out.append(UNTESTED)
+            by_shape.setdefault((p.shape[0], p.numel() // p.shape[0]), []).append(i)
+    for (rows, cols), idx in by_shape.items():
+        stats = params[idx[0]].new_empty(len(idx), 3, rows)
+        for j, i in enumerate(idx):
+            _row_stats(params[i].reshape(rows, cols), grads[i].reshape(rows, cols), stats[j])
+        for i, plan in zip(idx, _plans_from_stats(stats, cols, delta, eps)):
+            out[i] = plan
     return out
 
 
@@ -240,7 +252,7 @@ def project_tensors(params: Sequence[Tensor], grads: Sequence[Tensor],
     ``direction(i)`` builds tensor ``i``'s unprojected update; it is called only for tensors
     whose update may be projected, and the projection writes into what it returns. Tensors
     with ``ndim <= 1`` are never projected. On CPU, large tensors are tested one at a time
-    from ``p`` and ``g`` alone (:func:`eager_plan`); small same-shaped tensors (and, on other
+    from ``p`` and ``g`` alone (:func:`eager_plans`); small same-shaped tensors (and, on other
     devices, every tensor) go through the branch-free :func:`project`, stacked by shape.
 
     ``plans`` (from :func:`eager_plans`, possibly cut by :func:`cut_by_plan`) gives the
