@@ -251,9 +251,9 @@ def project_tensors(params: Sequence[Tensor], grads: Sequence[Tensor],
 
     ``direction(i)`` builds tensor ``i``'s unprojected update; it is called only for tensors
     whose update may be projected, and the projection writes into what it returns. Tensors
-    with ``ndim <= 1`` are never projected. On CPU, large tensors are tested one at a time
-    from ``p`` and ``g`` alone (:func:`eager_plans`); small same-shaped tensors (and, on other
-    devices, every tensor) go through the branch-free :func:`project`, stacked by shape.
+    with ``ndim <= 1`` are never projected. On CPU, large tensors are tested from ``p`` and
+    ``g`` alone (:func:`eager_plans`); small same-shaped tensors (and, on other devices, every
+    tensor) go through the branch-free :func:`project`, stacked by shape.
 
     ``plans`` (from :func:`eager_plans`, possibly cut by :func:`cut_by_plan`) gives the
     tests already run; entries :data:`UNTESTED` are tested here.
@@ -272,7 +272,7 @@ def project_tensors(params: Sequence[Tensor], grads: Sequence[Tensor],
     for i, (p, plan) in enumerate(zip(params, plans)):
         if p.ndim <= 1 or plan is None:
             continue
-        if plan == UNTESTED:
+        if isinstance(plan, str):  # UNTESTED
             by_shape.setdefault(tuple(p.shape), []).append(i)
             continue
         u = direction(i)
