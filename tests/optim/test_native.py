@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from gradkit.optim import AdamP, _native
-from gradkit.optim import adamp as adamp_module
 from tests.optim.test_adamp import (
     assert_same_trajectory,
     initial,
@@ -115,8 +114,13 @@ def test_a_failing_build_is_reported_and_not_cached(fresh_build, monkeypatch):
 
 def test_env_switch_disables_the_native_kernel(fresh_build, monkeypatch):
     monkeypatch.setenv("GRADKIT_NATIVE", "0")
+    calls = _count_native_calls(monkeypatch)
+    p = torch.nn.Parameter(torch.randn(256, 160))
+    p.grad = torch.randn_like(p)
+    AdamP([p], lr=1e-2, fused=True).step()
     assert _native.adamp_kernels() is None
-    assert adamp_module.adamp_kernels is _native.adamp_kernels
+    assert calls["n"] == 0
+    assert not list(fresh_build.glob("**/*.so"))  # nothing was built
 
 
 @needs_compiler
