@@ -165,6 +165,20 @@ def test_packed_small_tensors_with_different_step_counts_match_unpacked(path):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("path", ["loop", "foreach"])
+def test_tensors_cut_into_cache_pieces_match_reference(path):
+    """Weights above _fused.CUT_ABOVE bytes are stepped in pieces of rows (a 1-D one in flat
+    pieces); the result is still the equations'."""
+    shapes = [(600, 300), (150_000,), (3, 4), (5,)]
+    assert min(math.prod(s) * 8 for s in shapes[:2]) > _fused.CUT_ABOVE
+    thetas, grad_seq = _problem(5, shapes=shapes)
+    expected = reference_diffgrad(thetas, grad_seq, lr=1e-2, wd=0.05)
+    got, _ = _run(lambda ps: DiffGrad(ps, lr=1e-2, weight_decay=0.05,
+                                      foreach=path == "foreach"), thetas, grad_seq)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_loop_and_foreach_are_bitwise_identical():
     thetas, grad_seq = _problem(20, torch.float32)
     a, _ = _run(lambda ps: DiffGrad(ps, lr=1e-2, weight_decay=0.1, foreach=False),

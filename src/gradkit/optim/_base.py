@@ -132,18 +132,24 @@ def add_l2_decay(grads: list[Tensor], params: list[Tensor], weight_decay: float,
     return [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
 
 
+def scale_(params: list[Tensor], factor: float, foreach: bool) -> None:
+    """``p <- p * factor`` in place for every param (nothing when ``factor == 1``)."""
+    if factor == 1.0 or not params:
+        return
+    if foreach:
+        torch._foreach_mul_(params, factor)
+    else:
+        for p in params:
+            p.mul_(factor)
+
+
 def apply_decoupled_decay(params: list[Tensor], lr: float, weight_decay: float,
                           foreach: bool, ratios: Sequence[float] | None = None) -> None:
     """AdamW-style ``p <- p * (1 - lr * wd * ratio)`` in place (``ratio`` defaults to 1)."""
     if weight_decay == 0 or lr == 0:
         return
     if ratios is None:
-        factor = 1.0 - lr * weight_decay
-        if foreach:
-            torch._foreach_mul_(params, factor)
-        else:
-            for p in params:
-                p.mul_(factor)
+        scale_(params, 1.0 - lr * weight_decay, foreach)
         return
     factors = [1.0 - lr * weight_decay * r for r in ratios]
     if foreach:

@@ -302,35 +302,44 @@ def cache_slices(params: Sequence[Tensor], budget: int = CACHE_SLICE_BYTES) -> l
     return out
 
 
-# elementwise updates cut tensors of more than CUT_ABOVE bytes into pieces of PIECE_BYTES
+# the eager paths cut tensors of more than CUT_ABOVE bytes into pieces of PIECE_BYTES
 CUT_ABOVE = 1 << 20
 PIECE_BYTES = 1 << 19
 
 
 def cut_into_pieces(tensorlists: list[list[Tensor]], extras: list[object],
-                    budget: int = PIECE_BYTES, above: int = CUT_ABOVE,
-                    ) -> tuple[list[list[Tensor]], list[object]]:
-    """For elementwise updates: every tensor of more than ``above`` bytes replaced by flat
-    contiguous pieces of ``budget`` bytes (views, so in-place updates reach the tensor), in
-    all of ``tensorlists`` alike; ``extras`` (one per tensor) repeated for each piece.
-    Tensors whose companions are not all contiguous are kept whole."""
+                    cuttable: Sequence[bool] | None = None, budget: int = PIECE_BYTES,
+                    above: int = CUT_ABOVE,
+                    ) -> tuple[list[list[Tensor]], list[object], list[slice | None]]:
+    """Tensors of more than ``above`` bytes (and ``cuttable``, default all) cut into pieces
+    of whole rows (``shape[0]``; elements for 1-D tensors) of about ``budget`` bytes, in all
+    of ``tensorlists`` alike: views, so in-place updates reach the tensors. Pieces are 2-D
+    ``(rows, D)`` (1-D for 1-D tensors); each carries its tensor's ``extras`` entry. Also
+    returns each piece's rows of its tensor (None for a tensor kept whole). Tensors whose
+    companions are not all contiguous are kept whole."""
     out: list[list[Tensor]] = [[] for _ in tensorlists]
     out_extras: list[object] = []
+    out_rows: list[slice | None] = []
     for i, extra in enumerate(extras):
         group = [ts[i] for ts in tensorlists]
-        step = max(1, budget // group[0].element_size())
-        n = group[0].numel()
-        if n * group[0].element_size() <= above or not _contiguous(group):
+        p = group[0]
+        nbytes = p.numel() * p.element_size()
+        if (nbytes <= above or (cuttable is not None and not cuttable[i])
+                or not _contiguous(group)):
             for dst, t in zip(out, group):
                 dst.append(t)
             out_extras.append(extra)
+            out_rows.append(None)
             continue
-        flats = [t.view(-1) for t in group]
-        for start in range(0, n, step):
-            for dst, t in zip(out, flats):
-                dst.append(t[start:start + step])
+        rows = p.shape[0] if p.ndim > 1 else p.numel()
+        views = [t.view(rows, -1) if p.ndim > 1 else t.view(-1) for t in group]
+        step = max(1, budget * rows // nbytes)
+        for start in range(0, rows, step):
+            for dst, v in zip(out, views):
+                dst.append(v[start:start + step])
             out_extras.append(extra)
-    return out, out_extras
+            out_rows.append(slice(start, start + step))
+    return out, out_extras, out_rows
 
 
 class MultiPathOptimizer(torch.optim.Optimizer):

@@ -39,6 +39,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from gradkit.optim._fused import cut_into_pieces
+
 # tensors smaller than this are stacked with same-shaped ones in :func:`project_tensors`
 STACK_BELOW = 1 << 15
 # eager dot products switch from mul+sum to einsum (batched GEMV) at this size
@@ -211,36 +213,19 @@ def eager_plans(params: Sequence[Tensor], grads: Sequence[Tensor], delta: float,
 
 
 def cut_by_plan(tensorlists: list[list[Tensor]], plans: list[Plan], extras: list[object],
-                piece_bytes: int, above: int,
                 ) -> tuple[list[list[Tensor]], list[Plan], list[object]]:
-    """Tensors of more than ``above`` bytes whose plan is known to act row by row (not
-    projected, or channel-projected) cut into pieces of whole rows, about ``piece_bytes``
-    each, in all of ``tensorlists`` alike (views: updates reach the tensors); each piece
-    carries its rows' part of the plan and the tensor's ``extras`` entry. Pieces are 2-D
-    ``(rows, D)`` (1-D for 1-D tensors)."""
-    out: list[list[Tensor]] = [[] for _ in tensorlists]
+    """:func:`~gradkit.optim._fused.cut_into_pieces` for the tensors whose plan is known to
+    act row by row (not projected, or channel-projected); each piece carries its rows' part
+    of the plan."""
+    cuttable = [plan is None or (isinstance(plan, tuple) and plan[0] == "channel")
+                for plan in plans]
+    lists, pairs, rows = cut_into_pieces(tensorlists, list(zip(plans, extras)), cuttable)
     out_plans: list[Plan] = []
-    out_extras: list[object] = []
-    for i, (plan, extra) in enumerate(zip(plans, extras)):
-        group = [ts[i] for ts in tensorlists]
-        p = group[0]
-        nbytes = p.numel() * p.element_size()
-        cuttable = plan is None or (isinstance(plan, tuple) and plan[0] == "channel")
-        if nbytes <= above or not cuttable or not all(t.is_contiguous() for t in group):
-            for dst, t in zip(out, group):
-                dst.append(t)
-            out_plans.append(plan)
-            out_extras.append(extra)
-            continue
-        rows = p.shape[0] if p.ndim > 1 else p.numel()
-        views = [t.view(rows, -1) if p.ndim > 1 else t.view(-1) for t in group]
-        step = max(1, piece_bytes * rows // nbytes)
-        for start in range(0, rows, step):
-            for dst, v in zip(out, views):
-                dst.append(v[start:start + step])
-            out_plans.append(None if plan is None else ("channel", plan[1][start:start + step]))
-            out_extras.append(extra)
-    return out, out_plans, out_extras
+    for (plan, _), part in zip(pairs, rows):
+        if part is not None and isinstance(plan, tuple):
+            plan = ("channel", plan[1][part])
+        out_plans.append(plan)
+    return lists, out_plans, [extra for _, extra in pairs]
 
 
 def project_tensors(params: Sequence[Tensor], grads: Sequence[Tensor],

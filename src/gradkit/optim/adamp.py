@@ -19,6 +19,7 @@ from gradkit.optim._base import (
     check_lr,
     check_non_negative,
     maybe_negate,
+    scale_,
     step_counter,
 )
 from gradkit.optim._moments import init_adam_state, update_adam_moments
@@ -74,8 +75,7 @@ class _ProjectedOptimizer(_fused.MultiPathOptimizer):
         steps = self._advance(params)
         grads = maybe_negate(grads, group["maximize"], foreach)
         plans = eager_plans(params, grads, group["delta"], group["eps"])
-        lists, plans, steps = cut_by_plan([params, grads, *states], plans, steps,
-                                          _fused.PIECE_BYTES, _fused.CUT_ABOVE)
+        lists, plans, steps = cut_by_plan([params, grads, *states], plans, steps)
         for part in _fused.cache_slices(lists[0]):
             self._update(group, lists[0][part], lists[1][part], steps[part], plans[part],
                          [ts[part] for ts in lists[2:]], foreach)
@@ -98,7 +98,7 @@ class _ProjectedOptimizer(_fused.MultiPathOptimizer):
         plain, scaled = self._decay(group)
         rest = [i for i, u in enumerate(projected) if u is None]
         if plain != 1.0 or scaled != 1.0:
-            _scale([params[i] for i in rest], plain, foreach)
+            scale_([params[i] for i in rest], plain, foreach)
             for i, u in enumerate(projected):
                 if u is None:
                     continue
@@ -128,16 +128,6 @@ class _ProjectedOptimizer(_fused.MultiPathOptimizer):
             for i, size in zip(rest, sizes):
                 params[i].addcdiv_(nums[i], denoms[i], value=size)
         return projected
-
-
-def _scale(params: list[Tensor], factor: float, foreach: bool) -> None:
-    if factor == 1.0 or not params:
-        return
-    if foreach:
-        torch._foreach_mul_(params, factor)
-    else:
-        for p in params:
-            p.mul_(factor)
 
 
 @register("adamp")

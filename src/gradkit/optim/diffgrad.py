@@ -140,7 +140,7 @@ class DiffGrad(_fused.MultiPathOptimizer):
                 state.append(buf)
             steps.append(step)
             write_backs.append(write_back)
-        lists, steps = _fused.cut_into_pieces([ps, gs, *states], steps)
+        lists, steps, _ = _fused.cut_into_pieces([ps, gs, *states], steps)
         for part in _fused.cache_slices(lists[0], _fused.PIECE_BYTES):
             update(group, *(ts[part] for ts in lists[:2]), steps[part],
                    *(ts[part] for ts in lists[2:]))
