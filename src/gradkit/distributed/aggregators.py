@@ -48,9 +48,11 @@ from torch import Tensor
 from gradkit.distributed import _validation as V
 
 __all__ = [
+    "AGGREGATORS",
     "ARC",
     "MDA",
     "NNM",
+    "PRE_AGGREGATORS",
     "Aggregator",
     "Bucketing",
     "CenteredClipping",
@@ -905,3 +907,25 @@ class ARC(PreAggregator):
         clipped = torch.zeros(n, dtype=torch.bool, device=X.device)
         clipped[order[n - k:]] = True
         return _clip_rows(X, torch.where(clipped, norms, torch.zeros_like(norms)), threshold)
+
+
+#: the rules by short name (for grids and command lines); each takes keyword arguments
+AGGREGATORS: dict[str, type[Aggregator]] = {
+    "mean": Mean,
+    "median": CoordinateMedian,
+    "trimmed_mean": TrimmedMean,
+    "geometric_median": GeometricMedian,
+    "krum": Krum,
+    "multi_krum": MultiKrum,
+    "centered_clipping": CenteredClipping,
+    "mda": MDA,
+    "monna": MoNNA,
+    "flag": FlagAggregator,
+}
+PRE_AGGREGATORS: dict[str, type[PreAggregator]] = {
+    "nnm": NNM,
+    "bucketing": Bucketing,
+    "clipping": Clipping,
+    "arc": ARC,
+    "drop_non_finite": DropNonFinite,
+}
