@@ -370,6 +370,35 @@ def test_pairwise_distances_survive_cancellation():
     assert ((exact32 - exact).abs() / exact)[off].max() < 1e-3
 
 
+def test_distance_based_rules_survive_cancellation():
+    # float32 rows sharing a common component 1e4 times their spread: the expanded
+    # ‖x‖² − 2⟨x, z⟩ + ‖z‖² would cancel to noise; the rules fall back to differences
+    g = torch.Generator().manual_seed(1)
+    X64 = 100.0 + 1e-2 * torch.randn(7, 3000, generator=g, dtype=torch.float64)
+    X = X64.float()
+
+    def gm_ref(X, T, nu):
+        z = torch.zeros_like(X[0])
+        for _ in range(T):
+            a = 1 / (X - z).norm(dim=1).clamp_min(nu)
+            z = (a @ X) / a.sum()
+        return z
+
+    torch.testing.assert_close(GeometricMedian(T=6, nu=1e-6)(X).double(),
+                               gm_ref(X64, 6, 1e-6), rtol=1e-6, atol=1e-6)
+    m = X64.mean(0)
+    cc = CenteredClipping(m=m.float(), tau=0.3, L=2)(X).double()
+    v = m
+    for _ in range(2):
+        diff = X64 - v
+        v = v + (diff * torch.clamp(0.3 / diff.norm(dim=1), max=1.0)[:, None]).mean(0)
+    torch.testing.assert_close(cc, v, rtol=1e-6, atol=1e-6)
+    dist = (X64 - X64[3]).norm(dim=1)
+    torch.testing.assert_close(MoNNA(f=2, idx=3)(X).double(),
+                               X64[torch.sort(dist, stable=True).indices[:5]].mean(0),
+                               rtol=1e-6, atol=1e-5)  # a wrong neighbour moves it by ~1e-3
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bounds_name_the_rule():
     X = torch.zeros(4, 3)

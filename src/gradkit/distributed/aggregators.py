@@ -116,7 +116,7 @@ class _Rule:
     def _check_rows(self, X: Tensor, values: Tensor) -> None:
         """For rules with ``checks_rows_itself``: ``values`` is non-finite whenever a row of X
         is (row norms, distances, sums over rows); only then is X scanned, to name the rows."""
-        if not bool(torch.isfinite(values).all()):
+        if not math.isfinite(float(values.sum())):  # a sum is cheaper than isfinite().all()
             V.check_finite(self.name, X)
 
     # state (only stateful rules override these)
@@ -277,9 +277,9 @@ class Pipeline(Aggregator):
 
 
 # ------------------------------------------------------------------------------ distances
-#: pairs whose Gram-expanded squared distance is below this many ``sqrt(d)·eps·(‖a‖² + ‖b‖²)``
-#: are recomputed from the difference (the expansion may have lost their digits)
-_CANCELLATION_MARGIN = 64.0
+#: an expanded squared distance ‖a‖² + ‖b‖² − 2⟨a, b⟩ is trusted when it keeps at least this
+#: fraction of ‖a‖² + ‖b‖² (at most 3 bits lost to cancellation); otherwise it is recomputed
+_TRUSTED_FRACTION = 0.125
 
 
 def pairwise_sq_distances(X: Tensor) -> Tensor:
@@ -287,12 +287,12 @@ def pairwise_sq_distances(X: Tensor) -> Tensor:
 
     :math:`\|a - b\|^2 = \|a\|^2 + \|b\|^2 - 2\langle a, b\rangle`, clamped at 0, with an
     exact zero diagonal. The expansion loses digits when a distance is small next to the
-    norms (rows sharing a large common component): an entry is trusted only if it exceeds
-    ``64·sqrt(d)·eps·(‖a‖² + ‖b‖²)``. If some entry is not, the rows are centred on their
-    mean (distances do not change under a translation; this costs one copy of X) and the
-    product is redone; the entries still below the bound (e.g. honest rows far from a mean
-    pulled away by an outlier) are recomputed from the differences. Every entry thus keeps
-    its relative accuracy, and the common case costs one product and no copy.
+    norms (rows sharing a large common component), so an entry is trusted only if it keeps at
+    least 1/8 of ``‖a‖² + ‖b‖²`` (at most 3 bits lost). If some entry does not, the rows are
+    centred on their mean (distances do not change under a translation; this costs one copy
+    of X) and the product is redone; the entries still untrusted (e.g. honest rows far from a
+    mean pulled away by an outlier) are recomputed from the differences. The common case
+    costs one product and no copy.
     """
     D, suspect = _gram_distances(X)
     if suspect.any():
@@ -301,7 +301,7 @@ def pairwise_sq_distances(X: Tensor) -> Tensor:
         chunk = max(1, (1 << 24) // X.shape[1])  # about 16M differences at a time
         for start in range(0, len(pairs), chunk):
             i, j = pairs[start:start + chunk].unbind(1)
-            exact = (X[i] - X[j]).square().sum(dim=1)
+            exact = _row_sq_norms(X[i] - X[j])
             D[i, j] = exact
             D[j, i] = exact
     return D
@@ -314,8 +314,7 @@ def _gram_distances(X: Tensor) -> tuple[Tensor, Tensor]:
     S = sq[:, None] + sq[None, :]
     D = (S - 2 * G).clamp_min_(0)
     D.fill_diagonal_(0)
-    tol = _CANCELLATION_MARGIN * math.sqrt(X.shape[1]) * torch.finfo(X.dtype).eps
-    suspect = D <= tol * S
+    suspect = D < _TRUSTED_FRACTION * S
     suspect.fill_diagonal_(False)
     return D, suspect
 
@@ -375,10 +374,27 @@ def _order_statistics(X: Tensor, positions: range) -> Tensor:
     return out
 
 
-def _distances_to(X: Tensor, z: Tensor) -> Tensor:
-    """‖x_i − z‖ for every row, from the differences (no n×d temporary)."""
-    return torch.cdist(X[None], z.reshape(1, 1, -1),
-                       compute_mode="donot_use_mm_for_euclid_dist")[0, :, 0]
+def _row_sq_norms(X: Tensor) -> Tensor:
+    """‖x_i‖² of every row (a norm reduction: no n×d temporary, unlike X.square())."""
+    return torch.linalg.vector_norm(X, dim=1).square()
+
+
+def _distances_to(X: Tensor, z: Tensor, sq: Tensor | None = None) -> Tensor:
+    """‖x_i − z‖ for every row: ``‖x_i‖² − 2 X z + ‖z‖²`` (one matrix-vector product; ``sq``
+    are the ‖x_i‖² if known), with the rows the expansion cannot be trusted on (see
+    :func:`pairwise_sq_distances`) recomputed from the differences."""
+    if sq is None:
+        sq = _row_sq_norms(X)
+    zz = z @ z
+    S = sq + zz
+    d2 = S - 2 * (X @ z)
+    suspect = d2 < _TRUSTED_FRACTION * S
+    n_suspect = int(suspect.sum())
+    if 2 * n_suspect > X.shape[0]:
+        d2 = _row_sq_norms(X - z)
+    elif n_suspect:
+        d2[suspect] = _row_sq_norms(X[suspect] - z)
+    return d2.clamp_min_(0).sqrt_()
 
 
 def _first_k(values: Tensor, k: int, dim: int = -1) -> Tensor:
@@ -477,22 +493,20 @@ class GeometricMedian(Aggregator):
     def aggregate(self, X: Tensor, weights: Tensor | None) -> Tensor:
         n, d = X.shape
         w = weights if weights is not None else X.new_full((n,), 1.0 / n)
+        sq = _row_sq_norms(X)  # ‖x_i‖², reused by every iteration
+        self._check_rows(X, sq)
         if self.init is None:
             z = X.new_zeros(d)
-            dist = torch.linalg.vector_norm(X, dim=1) if self.T else None
+            dist = sq.sqrt()  # the distances to z_0 = 0
         else:
             z = torch.as_tensor(self.init, dtype=X.dtype, device=X.device)
             if z.shape != (d,):
                 raise ValueError(f"GeometricMedian: init has shape {tuple(z.shape)}, the "
                                  f"vectors have d={d}; pass a ({d},) tensor")
             dist = None
-        if self.T == 0:
-            V.check_finite(self.name, X)
-        for t in range(self.T):
+        for _ in range(self.T):
             if dist is None:
-                dist = _distances_to(X, z)
-            if t == 0:
-                self._check_rows(X, dist)
+                dist = _distances_to(X, z, sq)
             alpha = w / dist.clamp_min(self.nu)
             z = (alpha @ X) / alpha.sum()
             dist = None
@@ -632,12 +646,10 @@ class CenteredClipping(Aggregator):
             raise ValueError(f"CenteredClipping: the centre has shape {tuple(v.shape)}, the "
                              f"vectors have d={d}; call reset() or pass m of shape ({d},)")
         w = weights if weights is not None else X.new_full((n,), 1.0 / n)
-        if self.L == 0:
-            V.check_finite(self.name, X)
-        for step in range(self.L):
-            dist = _distances_to(X, v)
-            if step == 0:
-                self._check_rows(X, dist)
+        sq = _row_sq_norms(X)  # ‖x_i‖², reused by every iteration
+        self._check_rows(X, sq)
+        for _ in range(self.L):
+            dist = _distances_to(X, v, sq)
             scale = torch.where(dist > self.tau, self.tau / dist, torch.ones_like(dist))
             c = w * scale  # v + Σ c_i (x_i − v)
             v = v + (c @ X - c.sum() * v)
