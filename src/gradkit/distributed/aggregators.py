@@ -402,6 +402,13 @@ def _first_k(values: Tensor, k: int, dim: int = -1) -> Tensor:
     return torch.sort(values, dim=dim, stable=True).indices.narrow(dim, 0, k)
 
 
+def _mean_of_rows(X: Tensor, rows: Tensor) -> Tensor:
+    """The mean of the selected rows, as one vector-matrix product (no copy of the rows)."""
+    w = X.new_zeros(X.shape[0])
+    w[rows] = 1.0 / len(rows)
+    return w @ X
+
+
 def _check_f(rule: _Rule, n: int) -> None:
     V.check_byzantine_bound(rule.name, n, rule.f)
 
@@ -591,7 +598,7 @@ class MultiKrum(Krum):
 
     def aggregate(self, X: Tensor, weights: Tensor | None) -> Tensor:
         m = self.m if self.m is not None else X.shape[0] - self.f
-        return X[_first_k(self.scores(X), m)].mean(dim=0)
+        return _mean_of_rows(X, _first_k(self.scores(X), m))
 
 
 class CenteredClipping(Aggregator):
@@ -700,7 +707,7 @@ class MDA(Aggregator):
             D[s[:, :, None], s[:, None, :]].amax(dim=(1, 2))
             for s in subsets.split(chunk)
         ])
-        return X[subsets[int(torch.argmin(diameters))]].mean(dim=0)
+        return _mean_of_rows(X, subsets[int(torch.argmin(diameters))])
 
 
 class MoNNA(Aggregator):
@@ -733,7 +740,7 @@ class MoNNA(Aggregator):
         dist = _distances_to(X, X[self.idx])
         self._check_rows(X, dist)
         dist[self.idx] = 0  # exactly (cdist of a row with itself may round)
-        return X[_first_k(dist, X.shape[0] - self.f)].mean(dim=0)
+        return _mean_of_rows(X, _first_k(dist, X.shape[0] - self.f))
 
 
 class FlagAggregator(Aggregator):
