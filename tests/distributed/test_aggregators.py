@@ -32,9 +32,9 @@ X3 = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]]
 
 
 def _inputs(dtype):
-    """ByzFL's four input types: tensor, list of tensors, ndarray (and a float32 tensor)."""
+    """ByzFL's four input types: tensor, list of tensors, ndarray, list of ndarrays."""
     t = torch.tensor(X3, dtype=dtype)
-    return [t, list(t), t.numpy()]
+    return [t, list(t), t.numpy(), list(t.numpy())]
 
 
 # --------------------------------------------------------------- ByzFL's 3×3 known answers

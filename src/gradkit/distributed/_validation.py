@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -39,8 +40,9 @@ def check_real(rule: str, name: str, value: Any, *, positive: bool = False,
 def as_matrix(rule: str, vectors: Any) -> Tensor:
     """The (n, d) floating-point tensor of worker vectors, one row per worker.
 
-    Accepts a 2-D tensor, a list/tuple of 1-D tensors (stacked) or anything ``torch.as_tensor``
-    takes (e.g. a NumPy array). The dtype and device are kept; integer input is refused.
+    Accepts a 2-D tensor, a list/tuple of 1-D tensors or NumPy arrays (stacked) or anything
+    ``torch.as_tensor`` takes (e.g. a NumPy array). The dtype and device are kept; integer
+    input is refused.
     """
     if isinstance(vectors, (list, tuple)):
         if len(vectors) == 0:
@@ -52,6 +54,8 @@ def as_matrix(rule: str, vectors: Any) -> Tensor:
                 raise ValueError(f"{rule} got worker vectors of different shapes {sorted(shapes)};"
                                  " flatten every worker's gradient to the same length d")
             vectors = torch.stack([v.reshape(-1) for v in vectors])
+        elif all(isinstance(v, np.ndarray) for v in vectors):
+            vectors = np.stack(vectors)
     X = vectors if isinstance(vectors, Tensor) else torch.as_tensor(vectors)
     if X.dim() != 2:
         raise ValueError(
