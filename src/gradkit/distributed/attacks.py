@@ -28,6 +28,7 @@ from torch import Tensor
 from gradkit.distributed import _validation as V
 
 __all__ = [
+    "ATTACKS",
     "ALittleIsEnough",
     "Attack",
     "Gaussian",
@@ -214,3 +215,15 @@ class LabelFlipping(Attack):
 
     def vector(self, H, *, f, generator):
         return H.mean(dim=0)
+
+
+#: the attacks by short name (for grids and command lines)
+ATTACKS: dict[str, type[Attack]] = {
+    "sign_flipping": SignFlipping,
+    "ipm": InnerProductManipulation,
+    "alie": ALittleIsEnough,
+    "mimic": Mimic,
+    "gaussian": Gaussian,
+    "inf": Inf,
+    "label_flipping": LabelFlipping,
+}

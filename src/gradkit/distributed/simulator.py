@@ -13,11 +13,17 @@ One round of :class:`Simulator`:
 
 Determinism: the minibatch of worker i in round t is a pure function of
 ``(seed, i, t)`` (:func:`worker_generator`), and so is the attack's randomness; the
-gradient is a pure function of the model state and that minibatch. The distributed runtimes
-call the same :func:`worker_gradient`, so a run under torchrun or Ray with the same seeds
-reproduces the simulator (the simulator's vectorised path, ``vectorize=True``, batches the
-same computation with ``torch.func.vmap`` and agrees to floating-point rounding; pass
-``vectorize=False`` for the exact per-worker computation).
+gradient is a pure function of the model state and that minibatch. The pieces a distributed
+runtime needs to reproduce the simulator are public and shared:
+
+* :func:`setup_workload` — the shards, initial model, loss and evaluation data;
+* :func:`worker_gradient` — worker i's gradient in round t (what rank i computes);
+* :func:`round_matrix` — the (n, d) matrix after the attack, from the gathered honest rows;
+* :func:`unflatten_into_grads` — the aggregate written into ``p.grad`` before the step.
+
+The vectorised path (``vectorize=True``/``"auto"``) batches the same computation with
+``torch.func.vmap``; it agrees with the per-worker loop to floating-point rounding (bitwise
+on the digits MLP); ``vectorize=False`` is the per-worker computation itself.
 
 Data heterogeneity: :func:`dirichlet_partition` splits a labelled dataset with Dirichlet(α)
 label skew (smaller α = more skew; ``alpha=None`` = an i.i.d. split).
@@ -40,9 +46,13 @@ from gradkit.distributed.aggregators import Aggregator, Mean
 __all__ = [
     "History",
     "Simulator",
+    "WorkloadSetup",
     "dirichlet_partition",
     "flatten",
+    "flip_labels",
+    "round_matrix",
     "sample_batch",
+    "setup_workload",
     "unflatten_into_grads",
     "worker_generator",
     "worker_gradient",
@@ -90,8 +100,11 @@ def unflatten_into_grads(vector: Tensor, params: Sequence[Tensor]) -> None:
                          f"{offset}; the aggregator must return one entry per parameter")
 
 
-def _functional_loss(model: nn.Module, loss_fn: LossFn, buffers: dict[str, Tensor]):
-    def loss(params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+def _functional_loss(model: nn.Module, loss_fn: LossFn):
+    # buffers are an argument (not captured) so that modules updating them in place
+    # (batch norm's running statistics) can run under torch.func.grad
+    def loss(params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor, y: Tensor
+             ) -> Tensor:
         return loss_fn(functional_call(model, {**params, **buffers}, (x,)), y)
     return loss
 
@@ -121,6 +134,9 @@ def worker_gradient(
     minibatch is :func:`sample_batch` under :func:`worker_generator` ``(seed, worker, round)``.
     ``flip_to=C`` flips the labels to ``C − 1 − y`` first (the label-flipping attack).
 
+    Buffers are the model's own: a module that updates them in the forward pass (batch
+    norm in training mode) updates the model's running statistics, worker after worker.
+
     Returns:
         ``(g, loss)``: g of shape (d,) in the order of ``model.named_parameters()``
         (parameters with ``requires_grad``), and the scalar minibatch loss.
@@ -132,7 +148,7 @@ def worker_gradient(
     xb, yb = x[idx], y[idx]
     if flip_to is not None:
         yb = flip_labels(yb, flip_to)
-    grads, loss = grad_and_value(_functional_loss(model, loss_fn, buffers))(params, xb, yb)
+    grads, loss = grad_and_value(_functional_loss(model, loss_fn))(params, buffers, xb, yb)
     return flatten(grads), loss.detach()
 
 
@@ -146,9 +162,76 @@ def _vmapped_gradients(model, shards, workers, loss_fn, *, round, seed, batch_si
         idx = sample_batch(len(x), batch_size, worker_generator(seed, i, round))
         xs.append(x[idx])
         ys.append(flip_labels(y[idx], flip_to) if flip_to is not None else y[idx])
-    fn = vmap(grad_and_value(_functional_loss(model, loss_fn, buffers)), in_dims=(None, 0, 0))
-    grads, losses = fn(params, torch.stack(xs), torch.stack(ys))
+    fn = vmap(grad_and_value(_functional_loss(model, loss_fn)), in_dims=(None, None, 0, 0))
+    grads, losses = fn(params, buffers, torch.stack(xs), torch.stack(ys))
     return torch.cat([g.reshape(len(workers), -1) for g in grads.values()], dim=1), losses
+
+
+def round_matrix(
+    honest_vectors: Tensor,
+    honest: Sequence[int],
+    byzantine: Sequence[int],
+    attack: Any,
+    *,
+    seed: int,
+    round: int,
+    attack_source: Tensor | None = None,
+) -> Tensor:
+    """The (n, d) matrix of one round: row ``honest[k]`` is ``honest_vectors[k]``, every
+    Byzantine row is ``attack(attack_source or honest_vectors, f=len(byzantine),
+    generator=worker_generator(seed, 0, round, ATTACK_STREAM))``.
+
+    A pure function of its arguments, shared by the simulator and the distributed runtimes
+    (which gather the honest vectors first).
+    """
+    n = len(honest) + len(byzantine)
+    X = honest_vectors.new_empty((n, honest_vectors.shape[1]))
+    X[list(honest)] = honest_vectors
+    if byzantine:
+        gen = worker_generator(seed, 0, round, stream=ATTACK_STREAM)
+        source = honest_vectors if attack_source is None else attack_source
+        X[list(byzantine)] = attack(source, f=len(byzantine), generator=gen)
+    return X
+
+
+@dataclass
+class WorkloadSetup:
+    """What a simulation (or a distributed runtime) needs from a gradkit array workload."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    metric_fn: Callable[[Tensor, Tensor], Tensor]
+    shards: list[tuple[Tensor, Tensor]]
+    eval_data: tuple[Tensor, Tensor]
+
+
+def setup_workload(workload: Any, n_workers: int, *, alpha: float | None = None, seed: int = 0,
+                   split: str = "val") -> WorkloadSetup:
+    """Shards, model, loss and evaluation data of a gradkit array workload (e.g.
+    ``gradkit.bench.workloads.DigitsMLP()``), deterministic in ``seed``.
+
+    The training split is divided among ``n_workers`` by :func:`dirichlet_partition`
+    ``(alpha, seed)``; the model is built after ``torch.manual_seed(seed)``; ``split``
+    ("val" or "test") is the evaluation data. Every process of a distributed run calls this
+    with the same arguments and gets the same shards and initial model.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"Invalid split value: {split!r} ('val' or 'test')")
+    arrays = workload.arrays()
+    parts = dirichlet_partition(arrays.y_train, n_workers, alpha, seed)
+    shards = [(arrays.x_train[p], arrays.y_train[p]) for p in parts]
+    torch.manual_seed(seed)
+    model = workload.build_model()
+    eval_data = (arrays.x_val, arrays.y_val) if split == "val" else (arrays.x_test,
+                                                                     arrays.y_test)
+
+    def loss_fn(out: Tensor, y: Tensor) -> Tensor:
+        return workload.loss_and_metric(out, y)[0]
+
+    def metric_fn(out: Tensor, y: Tensor) -> Tensor:
+        return workload.loss_and_metric(out, y)[1]
+
+    return WorkloadSetup(model, loss_fn, metric_fn, shards, eval_data)
 
 
 # ------------------------------------------------------------------------------ data split
@@ -321,15 +404,12 @@ class Simulator:
                 self._momentum = torch.zeros_like(G)
             self._momentum.mul_(self.worker_momentum).add_(G, alpha=1 - self.worker_momentum)
             G = self._momentum.clone()
-        X = G.new_empty((self.n, G.shape[1]))
-        X[self.honest] = G
-        if self.byzantine:
-            source = G
-            flip_to = getattr(self.attack, "flip_labels_to", None)
-            if getattr(self.attack, "needs_flipped_labels", False):
-                source, _ = self.gradients(self.honest, flip_to=self._num_classes(flip_to))
-            gen = worker_generator(self.seed, 0, self.round, stream=ATTACK_STREAM)
-            X[self.byzantine] = self.attack(source, f=len(self.byzantine), generator=gen)
+        source = None
+        if self.byzantine and getattr(self.attack, "needs_flipped_labels", False):
+            flip_to = self._num_classes(getattr(self.attack, "flip_labels_to", None))
+            source, _ = self.gradients(self.honest, flip_to=flip_to)
+        X = round_matrix(G, self.honest, self.byzantine, self.attack, seed=self.seed,
+                         round=self.round, attack_source=source)
         return X, losses
 
     def _num_classes(self, given: int | None) -> int:
@@ -387,25 +467,10 @@ class Simulator:
         split: str = "val",
         **kwargs: Any,
     ) -> Simulator:
-        """A simulator on a gradkit array workload (e.g. ``gradkit.bench.workloads.DigitsMLP``):
-        its training split is divided among ``n_workers`` by :func:`dirichlet_partition`, the
-        model is built after ``torch.manual_seed(seed)``, and ``split`` ("val"/"test") is the
-        evaluation data. ``kwargs`` go to the constructor (aggregator, attack, byzantine, ...).
-        """
-        arrays = workload.arrays()
-        parts = dirichlet_partition(arrays.y_train, n_workers, alpha, seed)
-        shards = [(arrays.x_train[p], arrays.y_train[p]) for p in parts]
-        torch.manual_seed(seed)
-        model = workload.build_model()
-        x_eval, y_eval = (arrays.x_val, arrays.y_val) if split == "val" else (
-            arrays.x_test, arrays.y_test)
-
-        def loss_fn(out: Tensor, y: Tensor) -> Tensor:
-            return workload.loss_and_metric(out, y)[0]
-
-        def metric_fn(out: Tensor, y: Tensor) -> Tensor:
-            return workload.loss_and_metric(out, y)[1]
-
+        """A simulator on a gradkit array workload via :func:`setup_workload`; ``kwargs`` go
+        to the constructor (aggregator, attack, byzantine, optimizer, ...; ``batch_size``
+        defaults to the workload's)."""
+        setup = setup_workload(workload, n_workers, alpha=alpha, seed=seed, split=split)
         kwargs.setdefault("batch_size", getattr(workload, "batch_size", 32))
-        return cls(model, loss_fn, shards, seed=seed, eval_data=(x_eval, y_eval),
-                   metric_fn=metric_fn, **kwargs)
+        return cls(setup.model, setup.loss_fn, setup.shards, seed=seed,
+                   eval_data=setup.eval_data, metric_fn=setup.metric_fn, **kwargs)
