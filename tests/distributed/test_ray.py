@@ -128,11 +128,13 @@ def test_synchronous_rounds_equal_simulator(ray_instance):
 @needs_ray
 def test_gradient_coding_with_delays_and_a_crash(ray_instance):
     """FRC(4, 1): round 0, worker 1 is 3 s late → decoded without it; round 1, worker 2 crashes
-    → reported, decoded from its group partner; round 2 goes on with 3 workers. Every decoded
+    while its group partner 3 is 3 s late → the crash is seen within the round, reported, and
+    the round decodes from worker 3; round 2 goes on without worker 2. Every decoded
     gradient is the exact mean of the 4 partition gradients: the model equals the simulator's
     Mean run (to float32 rounding: decoding sums the partitions in another order)."""
     delays = torch.zeros(3, N)
     delays[0, 1] = 3.0
+    delays[1, 3] = 3.0
     with RayParameterServer(make_model, F.cross_entropy, make_shards(),
                             code=FractionalRepetitionCode(N, 1), optimizer=sgd, batch_size=BATCH,
                             seed=SEED, delays=delays, crashes={1: [2]}) as server:
@@ -142,7 +144,7 @@ def test_gradient_coding_with_delays_and_a_crash(ray_instance):
         r2 = server.step()
         got = server.state_dict()
     assert 1 not in r0.responders and 1 in r0.stragglers
-    assert r1.crashed == [2] and 2 not in r1.responders
+    assert r1.crashed == [2] and 2 not in r1.responders and 3 in r1.responders
     assert 2 not in r2.responders + r2.stragglers
     want = simulate(3, Mean())
     for k, v in want.items():

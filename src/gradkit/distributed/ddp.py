@@ -24,11 +24,12 @@ stage is); anything else is treated as whole-vector.
 **Byzantine ranks** are simulated as in :class:`gradkit.distributed.simulator.Simulator`: the
 ranks listed in ``byzantine`` still run, but after the all-gather every rank replaces their rows
 by ``attack(honest rows, f=len(byzantine), generator=g)``, with ``g`` the simulator's attack
-generator for ``(seed, round)``. Every rank therefore computes the same aggregate, and a run with
-the same seeds, data and model reproduces the simulator. Under the hook an attack is applied per
-bucket: the deterministic attacks of :mod:`gradkit.distributed.attacks` (sign flipping, IPM,
-ALIE, Mimic, Inf) are coordinate-wise and give the simulator's vectors; a random one
-(``Gaussian``) draws per bucket, a valid attack but not the simulator's numbers. Attacks that need
+generator for ``(seed, round)`` (the simulator's own ``round_matrix``). Every rank therefore
+computes the same aggregate, and a run with the same seeds, data and model reproduces the
+simulator. Under the hook an attack is applied per bucket: the deterministic attacks of
+:mod:`gradkit.distributed.attacks` (sign flipping, IPM, ALIE, Mimic, Inf) are coordinate-wise
+and give the simulator's vectors; a random one (``Gaussian``) draws each bucket's noise from
+the start of the round's stream, a valid attack but not the simulator's numbers. Attacks that need
 gradients on flipped labels (``LabelFlipping``) are refused: run them in the simulator.
 
 Stragglers: collectives are synchronous, so a slow rank delays every rank (up to the process
@@ -46,12 +47,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradkit.distributed.aggregators import Aggregator
-from gradkit.distributed.simulator import (
-    ATTACK_STREAM,
-    flatten,
-    unflatten_into_grads,
-    worker_generator,
-)
+from gradkit.distributed.simulator import flatten, round_matrix, unflatten_into_grads
 
 __all__ = [
     "RobustAllGather",
@@ -145,15 +141,14 @@ class _RobustRule:
         #: rounds aggregated so far (the attack generator's round index)
         self.round = 0
 
-    def _apply(self, X: Tensor, round: int, key: int = 0) -> Tensor:
-        """Attack the Byzantine rows of the gathered ``(n, d)`` matrix, then aggregate.
-
-        The attack's generator is the simulator's for ``(seed, round)`` (``key`` = 0; the hook
-        passes the bucket index so that buckets draw different numbers).
-        """
+    def _apply(self, X: Tensor, round: int) -> Tensor:
+        """Attack the Byzantine rows of the gathered ``(n, d)`` matrix (the simulator's
+        :func:`~gradkit.distributed.simulator.round_matrix` for ``(seed, round)``), then
+        aggregate."""
         if self.byzantine:
-            gen = worker_generator(self.seed, key, round, stream=ATTACK_STREAM)
-            X = self.attack.corrupt(X, self.byzantine, generator=gen)
+            honest = [i for i in range(self.n) if i not in self.byzantine]
+            X = round_matrix(X[honest], honest, self.byzantine, self.attack, seed=self.seed,
+                             round=round)
         return self.aggregator(X)
 
     def _gather(self, vector: Tensor) -> list[Tensor]:
@@ -252,12 +247,12 @@ class RobustCommHook(_RobustRule):
         parts = [torch.empty_like(buffer) for _ in range(self.n)]
         work = dist.all_gather(parts, buffer, group=self.group, async_op=True)
         # hooks are called in order on the backward thread; their callbacks may not be
-        round_, key = self.round, bucket.index()
+        round_ = self.round
         if bucket.is_last():
             self.round += 1
 
         def finish(_: torch.futures.Future) -> Tensor:
-            return self._apply(torch.stack(parts), round_, key).to(buffer.dtype).view_as(buffer)
+            return self._apply(torch.stack(parts), round_).to(buffer.dtype).view_as(buffer)
 
         return work.get_future().then(finish)
 

@@ -50,12 +50,7 @@ from torch import Tensor, nn
 
 from gradkit.distributed.aggregators import Aggregator, Mean
 from gradkit.distributed.coding import GradientCode, UndecodableError
-from gradkit.distributed.simulator import (
-    ATTACK_STREAM,
-    unflatten_into_grads,
-    worker_generator,
-    worker_gradient,
-)
+from gradkit.distributed.simulator import round_matrix, unflatten_into_grads, worker_gradient
 from gradkit.errors import require_extra
 
 __all__ = ["RayParameterServer", "RoundReport", "connect"]
@@ -350,10 +345,8 @@ class _Server:
                 f"round {self.round}: no honest worker answered (responders {ids}, crashed "
                 f"{crashed}); raise the timeout or wait_for"
             )
-        X = torch.stack([g for _, (g, _) in rows])
-        if byz:
-            gen = worker_generator(self.seed, 0, self.round, stream=ATTACK_STREAM)
-            X = self.attack.corrupt(X, byz, generator=gen)
+        H = torch.stack([rows[k][1][0] for k in honest])
+        X = round_matrix(H, honest, byz, self.attack, seed=self.seed, round=self.round)
         try:
             g = self.aggregator(X)
         except ValueError as exc:
