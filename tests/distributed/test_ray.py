@@ -10,7 +10,7 @@ from torch import nn
 
 from gradkit.distributed.aggregators import Mean
 from gradkit.distributed.attacks import LabelFlipping, SignFlipping
-from gradkit.distributed.coding import CyclicRepetitionCode, FractionalRepetitionCode
+from gradkit.distributed.coding import FractionalRepetitionCode
 from gradkit.distributed.ray_runtime import RayParameterServer, connect
 from gradkit.distributed.simulator import Simulator
 from gradkit.errors import MissingExtraError
@@ -152,10 +152,10 @@ def test_gradient_coding_with_delays_and_a_crash(ray_instance):
 
 
 @needs_ray
-def test_async_robust_rounds_and_cyclic_code(ray_instance):
+@pytest.mark.slow
+def test_async_robust_rounds(ray_instance):
     """wait_for = 3 with a timeout: a slow worker is left out and stays out while busy; a
-    crash is reported and the round continues with the rest. Then a cyclic code decodes from
-    the first n - s = 3 responders."""
+    crash is reported and the round continues with the rest."""
     delays = torch.zeros(4, N)
     delays[0, 0] = 5.0
     with RayParameterServer(make_model, F.cross_entropy, make_shards(), Mean(), optimizer=sgd,
@@ -167,12 +167,3 @@ def test_async_robust_rounds_and_cyclic_code(ray_instance):
     assert sorted(r0.responders) == [1, 2, 3] and r0.stragglers == [0]
     assert 0 in r1.stragglers or 0 in r1.responders  # busy until its 5 s task is done
     assert r2.crashed == [3] and 3 not in r2.responders and len(r2.responders) >= 2
-    code = CyclicRepetitionCode(N, 1)
-    with RayParameterServer(make_model, F.cross_entropy, make_shards(), code=code,
-                            optimizer=sgd, batch_size=BATCH, seed=SEED) as server:
-        r = server.step()
-        got = server.state_dict()
-    assert len(r.responders) == 3
-    want = simulate(1, Mean())
-    for k, v in want.items():
-        assert torch.allclose(got[k], v, rtol=1e-5, atol=1e-6), k
