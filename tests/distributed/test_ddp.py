@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from gradkit.distributed.aggregators import Mean
+from gradkit.distributed.aggregators import NNM, CoordinateMedian, GeometricMedian, Krum, Mean
 from gradkit.distributed.attacks import ALittleIsEnough, LabelFlipping, SignFlipping
 from gradkit.distributed.ddp import (
     RobustAllGather,
@@ -25,13 +25,6 @@ from gradkit.distributed.ddp import (
     register_robust_hook,
 )
 from gradkit.distributed.simulator import Simulator, sample_batch, worker_generator
-
-try:  # the full rule set (dist-core); the hook/all-gather checks need a median and Krum
-    from gradkit.distributed.aggregators import NNM, CoordinateMedian, GeometricMedian, Krum
-except ImportError:  # pragma: no cover - only before dist-core's rules are merged
-    CoordinateMedian = GeometricMedian = Krum = NNM = None
-
-needs_rules = pytest.mark.skipif(Krum is None, reason="aggregators not merged yet")
 
 ROOT = Path(__file__).resolve().parents[2]
 WORLD, SEED, ROUNDS, BATCH, LR = 4, 3, 3, 8, 0.1
@@ -137,7 +130,6 @@ def _simulate(aggregator, attack):
     return [p.detach() for p in model.parameters()]
 
 
-@needs_rules
 def test_four_gloo_ranks_one_byzantine_match_simulator(tmp_path):
     """4 real processes, rank 3 Byzantine. Equality is exact (bitwise): every rank computes its
     minibatch gradient with the same autograd kernels as the simulator's per-worker path, and a
@@ -212,7 +204,6 @@ def test_one_rank_allgather_is_the_rule(one_rank_group):
     assert torch.equal(torch.cat([p.grad.flatten() for p in model.parameters()]), before)
 
 
-@needs_rules
 def test_hook_refuses_whole_vector_rules(one_rank_group):
     ddp = DDP(nn.Linear(3, 2))
     for rule in (Krum(f=0), GeometricMedian(), NNM(f=0) >> Mean()):

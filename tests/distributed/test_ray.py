@@ -8,17 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradkit.distributed.aggregators import Mean
+from gradkit.distributed.aggregators import CoordinateMedian, Mean
 from gradkit.distributed.attacks import LabelFlipping, SignFlipping
 from gradkit.distributed.coding import FractionalRepetitionCode
 from gradkit.distributed.ray_runtime import RayParameterServer, connect
 from gradkit.distributed.simulator import Simulator
 from gradkit.errors import MissingExtraError
-
-try:
-    from gradkit.distributed.aggregators import CoordinateMedian
-except ImportError:  # pragma: no cover - only before dist-core's rules are merged
-    CoordinateMedian = None
 
 HAS_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason="needs ray: pip install gradkit[ray]")
@@ -108,7 +103,6 @@ def test_validation():
 
 
 @needs_ray
-@pytest.mark.skipif(CoordinateMedian is None, reason="aggregators not merged yet")
 def test_synchronous_rounds_equal_simulator(ray_instance):
     """wait_for = n, worker 3 Byzantine: bitwise the simulator's rounds (the workers run the
     simulator's worker_gradient, the server its attack, aggregation and optimizer step)."""
