@@ -74,6 +74,7 @@ from gradkit.errors import GradkitError
 
 __all__ = [
     "CodedRun",
+    "CodingScheme",
     "Contribution",
     "CyclicRepetitionCode",
     "FractionalRepetitionCode",
@@ -327,8 +328,8 @@ def _row_task(code: GradientCode, worker: int, job: int, offset: int = 0) -> Tas
     return Task(job, tuple(offset + p for p in parts), weights)
 
 
-class _Scheme:
-    """Shared bookkeeping: the tasks handed out per round and who straggled."""
+class CodingScheme:
+    """Base of the round-by-round schemes: the tasks handed out per round and who straggled."""
 
     n: int
     #: decoding delay: job ``t`` is decoded at the end of round ``t + T``
@@ -386,6 +387,13 @@ class _Scheme:
             return torch.zeros(0, self.n, dtype=torch.bool)
         return torch.stack(self._stragglers)
 
+    def _recent(self, rounds: int) -> Tensor:
+        """The last ``rounds`` rows of :attr:`history` (all a window check needs)."""
+        recent = self._stragglers[max(0, self.rounds - rounds):]
+        if not recent:
+            return torch.zeros(0, self.n, dtype=torch.bool)
+        return torch.stack(recent)
+
     def _live(self, job: int) -> bool:
         return job >= 0 and (self.jobs is None or job < self.jobs)
 
@@ -425,7 +433,7 @@ class _Scheme:
             raise ValueError(f"job {job} is decoded after round {job + self.T}; record it first")
 
 
-class GradientCodingScheme(_Scheme):
+class GradientCodingScheme(CodingScheme):
     """Plain gradient coding as a round-by-round scheme (``T = 0``, one task per round).
 
     Args:
@@ -464,7 +472,7 @@ class GradientCodingScheme(_Scheme):
         return [Contribution(job, i, 0, a[i].item()) for i in responders if a[i] != 0]
 
 
-class SelectiveRepeatSGC(_Scheme):
+class SelectiveRepeatSGC(CodingScheme):
     """Selective-Repeat Sequential Gradient Coding for the ``(B, W, λ)``-bursty model.
 
     Tolerates every bursty pattern with an ``(n, s)`` code per job, ``s = ⌈Bλ/(W − 1 + B)⌉``,
@@ -528,7 +536,7 @@ class SelectiveRepeatSGC(_Scheme):
         return [[t] for t in tasks]
 
     def admits(self, stragglers: Tensor | Sequence[int] | set[int]) -> bool:
-        return bursty_admits(self.history, stragglers, self.B, self.W, self.lam)
+        return bursty_admits(self._recent(self.W - 1), stragglers, self.B, self.W, self.lam)
 
     def decode(self, job: int) -> list[Contribution]:
         self._check_decodable_round(job)
@@ -545,7 +553,7 @@ class SelectiveRepeatSGC(_Scheme):
         return [Contribution(r, i, 0, a[i].item()) for r, i in found if a[i] != 0]
 
 
-class MultiplexedSGC(_Scheme):
+class MultiplexedSGC(CodingScheme):
     """Multiplexed Sequential Gradient Coding (M-SGC) for the ``(B, W, λ)``-bursty model.
 
     Each round, every worker runs ``W − 1 + B`` equal mini-tasks (slot ``m`` for job ``r − m``);
@@ -636,7 +644,7 @@ class MultiplexedSGC(_Scheme):
         return out
 
     def admits(self, stragglers: Tensor | Sequence[int] | set[int]) -> bool:
-        return bursty_admits(self.history, stragglers, self.B, self.W, self.lam)
+        return bursty_admits(self._recent(self.W - 1), stragglers, self.B, self.W, self.lam)
 
     def decode(self, job: int) -> list[Contribution]:
         self._check_decodable_round(job)
@@ -703,7 +711,7 @@ def combine(
 
 
 def simulate_coded(
-    scheme: _Scheme,
+    scheme: CodingScheme,
     partial_gradient: Callable[[int, int], Tensor],
     *,
     stragglers: Tensor | None = None,

@@ -141,7 +141,8 @@ def bursty_admits(
     """Whether straggling by ``current`` in the next round keeps the pattern ``(B, W, λ)``-bursty.
 
     ``history`` is a ``(r, n)`` boolean tensor of the stragglers of rounds ``0..r-1`` (only those
-    the master did not wait for), ``current`` the stragglers of round ``r`` (mask or indices).
+    the master did not wait for), ``current`` the stragglers of round ``r`` (mask or indices);
+    only the last ``W − 1`` rows of ``history`` matter, so passing just those is the same.
     Both conditions are checked for the window ending at round ``r``, as in the SGC authors'
     simulation, with the window clipped at round 0 (their M-SGC file lets a negative start wrap
     around; that is not copied):
