@@ -61,16 +61,23 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--attack", choices=sorted(ATTACKS), default="ipm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
+                        help="nccl: one CUDA device per rank (cuda:LOCAL_RANK)")
     args = parser.parse_args()
     if "RANK" not in os.environ:
         sys.exit("start it with: torchrun --nproc_per_node=4 examples/torchrun_robust.py")
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    dist.init_process_group(args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu")
+    if args.backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     try:
         x, y = blobs(256, torch.Generator().manual_seed(1000 + rank))  # this rank's shard
         x_test, y_test = blobs(1000, torch.Generator().manual_seed(999))
+        x, y, x_test, y_test = (t.to(device) for t in (x, y, x_test, y_test))
         byzantine = [world - 1]
         common = dict(byzantine=byzantine, attack=ATTACKS[args.attack](), seed=args.seed)
 
@@ -82,7 +89,7 @@ def main() -> None:
         results = {}
         for name, rule in [("mean (DDP hook)", Mean()),
                            ("coordinate-wise median (DDP hook)", CoordinateMedian())]:
-            model = make_model()
+            model = make_model().to(device)
             ddp = DDP(model)
             register_robust_hook(ddp, rule, **common)
             opt = torch.optim.SGD(ddp.parameters(), lr=args.lr)
@@ -92,7 +99,7 @@ def main() -> None:
                 opt.step()
             results[name] = evaluate(model, x_test, y_test)
 
-        model = make_model()
+        model = make_model().to(device)
         sync = RobustAllGather(Krum(f=len(byzantine)), world_size=world, **common)
         opt = torch.optim.SGD(model.parameters(), lr=args.lr)
         for xb, yb in batches():
@@ -103,9 +110,9 @@ def main() -> None:
         results["Krum (all-gather)"] = evaluate(model, x_test, y_test)
 
         if rank == 0:
-            start = evaluate(make_model(), x_test, y_test)
-            print(f"{world} gloo ranks, rank {byzantine[0]} Byzantine ({common['attack']!r}), "
-                  f"{args.steps} steps")
+            start = evaluate(make_model().to(device), x_test, y_test)
+            print(f"{world} {args.backend} ranks, rank {byzantine[0]} Byzantine "
+                  f"({common['attack']!r}), {args.steps} steps")
             print(f"{'rule':36s} {'test loss':>10s} {'accuracy':>9s}")
             print(f"{'(initial model)':36s} {start[0]:10.4f} {start[1]:9.3f}")
             for name, (loss, acc) in results.items():

@@ -187,10 +187,11 @@ class RobustAllGather(_RobustRule):
         super().__init__(aggregator, **kwargs)
         self._checked_numel: int | None = None
 
-    def _check_lengths(self, numel: int) -> None:
+    def _check_lengths(self, numel: int, device: torch.device) -> None:
         if self._checked_numel == numel:
             return
-        sizes = self._gather(torch.tensor([numel], dtype=torch.int64))
+        # on the vector's device: NCCL gathers CUDA tensors only
+        sizes = self._gather(torch.tensor([numel], dtype=torch.int64, device=device))
         sizes = [int(s) for s in sizes]
         if len(set(sizes)) != 1:
             raise ValueError(
@@ -204,7 +205,7 @@ class RobustAllGather(_RobustRule):
         rank)."""
         if vector.dim() != 1:
             raise ValueError(f"expected a flat (d,) vector, got shape {tuple(vector.shape)}")
-        self._check_lengths(vector.numel())
+        self._check_lengths(vector.numel(), vector.device)
         X = torch.stack(self._gather(vector))
         out = self._apply(X, self.round)
         self.round += 1
