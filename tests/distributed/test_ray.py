@@ -10,8 +10,12 @@ from torch import nn
 
 from gradkit.distributed.aggregators import CoordinateMedian, Mean
 from gradkit.distributed.attacks import LabelFlipping, SignFlipping
-from gradkit.distributed.coding import FractionalRepetitionCode
-from gradkit.distributed.ray_runtime import RayParameterServer, connect
+from gradkit.distributed.coding import (
+    FractionalRepetitionCode,
+    SelectiveRepeatSGC,
+    simulate_coded,
+)
+from gradkit.distributed.ray_runtime import RayParameterServer, connect, run_coded
 from gradkit.distributed.simulator import Simulator
 from gradkit.errors import MissingExtraError
 
@@ -161,3 +165,28 @@ def test_async_robust_rounds(ray_instance):
     assert sorted(r0.responders) == [1, 2, 3] and r0.stragglers == [0]
     assert 0 in r1.stragglers or 0 in r1.responders  # busy until its 5 s task is done
     assert r2.crashed == [3] and 3 not in r2.responders and len(r2.responders) >= 2
+
+
+def _partial(job, partition):
+    return torch.full((3,), float(100 * job + partition), dtype=torch.float64)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_sequential_coding_on_ray(ray_instance):
+    """SR-SGC on 4 actors, worker 1 injected 4 s later than the others in round 1: every job
+    decodes to the exact sum, and to exactly what simulate_coded decodes for the straggler
+    pattern Ray saw."""
+    jobs = 4
+    delays = torch.full((jobs + 1, N), 1.0)  # a common 1 s, so that Ray's jitter stays small
+    delays[1, 1] = 5.0
+    run = run_coded(SelectiveRepeatSGC(N, B=1, W=2, lam=2, jobs=jobs), _partial, delays=delays,
+                    mu=0.5)
+    assert run.stragglers[1, 1] and 1 not in run.waited_for_all, (run.stragglers,
+                                                                  run.waited_for_all)
+    assert len(run.gradients) == jobs and run.durations.shape == (jobs + 1,)
+    ref = simulate_coded(SelectiveRepeatSGC(N, B=1, W=2, lam=2, jobs=jobs), _partial,
+                         stragglers=run.stragglers)
+    for t, (got, want) in enumerate(zip(run.gradients, ref.gradients)):
+        full = sum(_partial(t, p) for p in range(N))
+        assert torch.equal(got, want) and torch.equal(got, full)

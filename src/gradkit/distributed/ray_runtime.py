@@ -33,6 +33,10 @@ decodability), otherwise the round raises.
 Faults can be injected for tests and demonstrations: ``delays`` (seconds a worker sleeps before
 computing, per round and worker; e.g. ``ExponentialDelays(n).sample(rounds)``) and ``crashes``
 (``{round: [worker ids]}``: those workers' processes exit in that round).
+
+:func:`run_coded` runs any round-by-round coding scheme of :mod:`gradkit.distributed.coding`
+(plain gradient coding, Selective-Repeat or Multiplexed Sequential Gradient Coding) on Ray actors
+with injected delays: the Ray counterpart of :func:`~gradkit.distributed.coding.simulate_coded`.
 """
 
 from __future__ import annotations
@@ -49,11 +53,18 @@ import torch
 from torch import Tensor, nn
 
 from gradkit.distributed.aggregators import Aggregator, Mean
-from gradkit.distributed.coding import GradientCode, UndecodableError
+from gradkit.distributed.coding import (
+    CodedRun,
+    CodingScheme,
+    GradientCode,
+    Task,
+    UndecodableError,
+    combine,
+)
 from gradkit.distributed.simulator import round_matrix, unflatten_into_grads, worker_gradient
 from gradkit.errors import require_extra
 
-__all__ = ["RayParameterServer", "RoundReport", "connect"]
+__all__ = ["RayParameterServer", "RoundReport", "connect", "run_coded"]
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Delays = Tensor | Callable[[int, int], float] | None
@@ -206,18 +217,10 @@ class _Server:
     def state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
-    def _delay(self, worker: int) -> float:
-        if self.delays is None:
-            return 0.0
-        if callable(self.delays):
-            return float(self.delays(self.round, worker))
-        if self.round >= self.delays.shape[0]:
-            return 0.0
-        return float(self.delays[self.round, worker])
-
     def _dispatch(self, worker: int, params_ref: Any) -> Any:
         handle = self.workers[worker]
-        delay, crash = self._delay(worker), worker in self.crashes.get(self.round, ())
+        delay = _delay_of(self.delays, self.round, worker)
+        crash = worker in self.crashes.get(self.round, ())
         if self.code is None:
             return handle.gradient.remote(params_ref, self.round, delay, crash)
         parts = self.code.partitions(worker)
@@ -480,3 +483,114 @@ class RayParameterServer:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+# ------------------------------------------------------------------ sequential coding on Ray
+class _TaskWorker:
+    """Evaluates a coding scheme's tasks with a user function ``(job, partition) -> Tensor``."""
+
+    def __init__(self, partial_gradient: Callable[[int, int], Tensor]) -> None:
+        torch.set_num_threads(1)
+        self.partial_gradient = partial_gradient
+
+    def run(self, tasks: Sequence[Task | None], delay: float = 0.0) -> list[Tensor | None]:
+        if delay > 0:
+            time.sleep(delay)
+        return [None if t is None else t.compute(self.partial_gradient) for t in tasks]
+
+    def ready(self) -> bool:
+        return True
+
+
+def run_coded(
+    scheme: CodingScheme,
+    partial_gradient: Callable[[int, int], Tensor],
+    *,
+    delays: Delays = None,
+    mu: float = 0.5,
+    address: str | None = None,
+) -> CodedRun:
+    """Run a coding scheme (:mod:`gradkit.distributed.coding`) on ``scheme.n`` Ray actors.
+
+    The Ray counterpart of :func:`~gradkit.distributed.coding.simulate_coded`: round ``r``
+    sends every worker its ``scheme.tasks(r)`` (each actor evaluates them with
+    ``partial_gradient``, after sleeping its injected delay), waits for the first result, and
+    then until ``(1 + mu)`` times that first response time; the workers still missing are
+    the round's stragglers if ``scheme.admits`` them, otherwise the round waits for everyone
+    (the SGC authors' rule). Job ``r − T`` is decoded at the end of round ``r``. A straggler
+    keeps computing: its late result is dropped, and its next tasks queue behind it.
+
+    Args:
+        scheme: a fresh scheme with a finite number of jobs.
+        partial_gradient: ``(job, partition) -> Tensor``; sent to the actors (picklable).
+        delays: injected delays, a ``(rounds, n)`` tensor or ``(round, worker) -> seconds``.
+        mu: the patience factor of the straggler rule (``mu >= 0``).
+        address: Ray cluster address (default: the current one, or a new local instance).
+
+    Returns:
+        A :class:`~gradkit.distributed.coding.CodedRun`: the decoded gradients, the stragglers
+        actually gone on without, the rounds that waited for all, and the wall time per round.
+    """
+    if scheme.rounds:
+        raise ValueError("run_coded needs a fresh scheme (no round recorded yet)")
+    if not mu >= 0:
+        raise ValueError(f"Invalid mu value: {mu} (must be >= 0)")
+    ray = _ray()
+    connect(address)
+    n, rounds = scheme.n, scheme.total_rounds
+    worker_cls = ray.remote(_TaskWorker).options(num_cpus=0, max_restarts=0)
+    workers = [worker_cls.remote(partial_gradient) for _ in range(n)]
+    try:
+        ray.get([w.ready.remote() for w in workers])
+        results: dict[tuple[int, int, int], Tensor] = {}
+        grads, effective, waited, durations = [], [], [], []
+        for r in range(rounds):
+            tasks = scheme.tasks(r)
+            start = time.monotonic()
+            owner = {}
+            for i in range(n):
+                if any(t is not None for t in tasks[i]):
+                    owner[workers[i].run.remote(tasks[i], _delay_of(delays, r, i))] = i
+            pending, got = list(owner), {}
+            if pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                got[owner[ready[0]]] = ray.get(ready[0])
+                deadline = start + (1.0 + mu) * (time.monotonic() - start)
+                while pending:
+                    left = deadline - time.monotonic()
+                    ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, left))
+                    if not ready:
+                        break
+                    got[owner[ready[0]]] = ray.get(ready[0])
+            late = torch.zeros(n, dtype=torch.bool)
+            late[[owner[ref] for ref in pending]] = True
+            if late.any() and not scheme.admits(late):
+                waited.append(r)
+                for ref in pending:
+                    got[owner[ref]] = ray.get(ref)
+                late[:] = False
+            durations.append(time.monotonic() - start)
+            for i, outs in got.items():
+                for m, out in enumerate(outs):
+                    if out is not None:
+                        results[(r, i, m)] = out
+            scheme.record(r, late)
+            effective.append(late)
+            job = scheme.decodable_job(r)
+            if job is not None:
+                grads.append(combine(scheme.decode(job), results))
+                for key in [key for key in results if key[0] <= job]:
+                    del results[key]
+        return CodedRun(grads, torch.stack(effective), waited,
+                        torch.tensor(durations, dtype=torch.float64))
+    finally:
+        for w in workers:
+            ray.kill(w)
+
+
+def _delay_of(delays: Delays, round: int, worker: int) -> float:
+    if delays is None:
+        return 0.0
+    if callable(delays):
+        return float(delays(round, worker))
+    return float(delays[round, worker]) if round < delays.shape[0] else 0.0
