@@ -180,9 +180,9 @@ def test_mismatched_world_size(one_rank_group):
 
 
 def test_bad_arguments(one_rank_group):
-    with pytest.raises(ValueError, match="byzantine rank 1 out of range for a world of 1"):
+    with pytest.raises(ValueError, match=r"Invalid byzantine value: 1 .*indices in 0\.\.0"):
         RobustAllGather(Mean(), byzantine=[1], attack=SignFlipping())
-    with pytest.raises(ValueError, match="every rank is Byzantine"):
+    with pytest.raises(ValueError, match="every one of the 1 workers is Byzantine"):
         RobustAllGather(Mean(), byzantine=[0], attack=SignFlipping())
     with pytest.raises(ValueError, match="no attack"):
         RobustAllGather(Mean(), byzantine=[0])

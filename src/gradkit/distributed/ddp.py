@@ -46,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gradkit.distributed._runtime_checks import check_byzantine
 from gradkit.distributed.aggregators import Aggregator
 from gradkit.distributed.simulator import flatten, round_matrix, unflatten_into_grads
 
@@ -115,29 +116,12 @@ class _RobustRule:
         self.n = check_process_group(group, world_size)
         self.group = group
         self.aggregator = aggregator
-        self.byzantine = sorted({int(i) for i in byzantine})
-        if len(self.byzantine) != len(list(byzantine)):
-            raise ValueError(f"byzantine ranks must be distinct, got {list(byzantine)}")
-        if self.byzantine and attack is None:
-            raise ValueError(
-                "byzantine ranks given but no attack; pass attack=, e.g. "
-                "gradkit.distributed.attacks.SignFlipping()"
-            )
-        if getattr(attack, "needs_flipped_labels", False):
-            raise ValueError(
-                f"{attack!r} needs every honest worker's gradient on flipped labels, which the "
-                "torch.distributed runtime does not compute; run it in the Simulator"
-            )
-        for i in self.byzantine:
-            if not 0 <= i < self.n:
-                raise ValueError(f"byzantine rank {i} out of range for a world of {self.n} ranks")
-        if len(self.byzantine) >= self.n:
-            raise ValueError("every rank is Byzantine; keep at least one honest rank")
+        self.byzantine = check_byzantine(type(self).__name__, byzantine, attack, self.n)
         self.attack = attack
         self.seed = seed
         check_n = getattr(aggregator, "check_n", None)
         if check_n is not None:
-            check_n(self.n)  # the rule's own bound (e.g. Krum: n > 2f + 2), before any step
+            check_n(self.n)  # the rule's own bound (e.g. Krum needs n > 2f), before any step
         #: rounds aggregated so far (the attack generator's round index)
         self.round = 0
 

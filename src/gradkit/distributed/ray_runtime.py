@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradkit.distributed._runtime_checks import check_byzantine
 from gradkit.distributed.aggregators import Aggregator, Mean
 from gradkit.distributed.coding import (
     CodedRun,
@@ -244,7 +245,7 @@ class _Server:
                 dead.append(i)
         return dead
 
-    def _mark_dead(self, worker: int, exc: Exception | None, crashed: list[int]) -> None:
+    def _mark_dead(self, worker: int, crashed: list[int]) -> None:
         self.alive.discard(worker)
         crashed.append(worker)  # the driver's step() warns with the worker id
 
@@ -262,7 +263,7 @@ class _Server:
         start = time.monotonic()
         crashed: list[int] = []
         for i in self._reap(ray):
-            self._mark_dead(i, None, crashed)
+            self._mark_dead(i, crashed)
         params = {k: p.detach().clone() for k, p in self.model.named_parameters()
                   if p.requires_grad}
         params_ref = ray.put(params)
@@ -288,8 +289,8 @@ class _Server:
                 del self.busy[i]
                 try:
                     ray.get(ready[0])
-                except ray.exceptions.RayActorError as exc:
-                    self._mark_dead(i, exc, crashed)
+                except ray.exceptions.RayActorError:
+                    self._mark_dead(i, crashed)
                     continue
                 ref = self._dispatch(i, params_ref)
                 owner[ref] = i
@@ -304,8 +305,8 @@ class _Server:
             del self.busy[i]
             try:
                 arrived.append((i, ray.get(ready[0])))
-            except ray.exceptions.RayActorError as exc:
-                self._mark_dead(i, exc, crashed)
+            except ray.exceptions.RayActorError:
+                self._mark_dead(i, crashed)
         responders = [i for i, _ in arrived]
         stragglers = sorted((set(late) | {owner[r] for r in pending}) - set(responders)
                             - set(crashed))
@@ -413,18 +414,7 @@ class RayParameterServer:
         n = len(shards)
         if n == 0:
             raise ValueError("RayParameterServer needs at least one worker shard")
-        byzantine = sorted({int(i) for i in byzantine})
-        for i in byzantine:
-            if not 0 <= i < n:
-                raise ValueError(f"byzantine worker {i} out of range for n = {n} workers")
-        if len(byzantine) >= n:
-            raise ValueError("every worker is Byzantine; keep at least one honest worker")
-        if byzantine and attack is None:
-            raise ValueError("byzantine workers given but no attack; pass attack=, e.g. "
-                             "gradkit.distributed.attacks.SignFlipping()")
-        if getattr(attack, "needs_flipped_labels", False):
-            raise ValueError(f"{attack!r} needs the honest workers' gradients on flipped "
-                             "labels, which the Ray runtime does not compute; use the Simulator")
+        byzantine = check_byzantine("RayParameterServer", byzantine, attack, n)
         if code is not None:
             if aggregator is not None or byzantine:
                 raise ValueError("gradient coding decodes the exact mean of honest workers: "
