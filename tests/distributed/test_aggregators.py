@@ -250,6 +250,23 @@ def test_trimmed_mean_and_median_against_sorting():
         torch.testing.assert_close(CoordinateMedian()(X), torch.quantile(X, 0.5, dim=0))
 
 
+@pytest.mark.parametrize(("n", "d"), [*((n, 300) for n in (*range(1, 12), 31, 50, 64, 65)),
+                                      (9, 70000)])
+def test_coordinatewise_rules_against_torch_sort(n, d):
+    # the sorting network (n <= 64; d = 70000 spans three column blocks), with ties, and
+    # torch.sort above 64 rows
+    g = torch.Generator().manual_seed(n)
+    X = torch.randint(-3, 4, (n, d), generator=g).double()  # many ties
+    X[:, :5] = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    S = X.sort(dim=0).values
+    torch.testing.assert_close(CoordinateMedian()(X), torch.quantile(X, 0.5, dim=0),
+                               rtol=0, atol=0)
+    f = (n - 1) // 2
+    torch.testing.assert_close(TrimmedMean(f=f)(X), S[f:n - f].mean(0), rtol=0, atol=0)
+    if n > 4:
+        torch.testing.assert_close(TrimmedMean(f=2)(X), S[2:n - 2].mean(0), rtol=0, atol=0)
+
+
 def test_mda_against_brute_force():
     X = _random(n=7, d=3, seed=5)
     X[2] += 4
@@ -353,6 +370,35 @@ def test_pairwise_distances_survive_cancellation():
     assert ((exact32 - exact).abs() / exact)[off].max() < 1e-3
 
 
+def test_distance_based_rules_survive_cancellation():
+    # float32 rows sharing a common component 1e4 times their spread: the expanded
+    # ‖x‖² − 2⟨x, z⟩ + ‖z‖² would cancel to noise; the rules fall back to differences
+    g = torch.Generator().manual_seed(1)
+    X64 = 100.0 + 1e-2 * torch.randn(7, 3000, generator=g, dtype=torch.float64)
+    X = X64.float()
+
+    def gm_ref(X, T, nu):
+        z = torch.zeros_like(X[0])
+        for _ in range(T):
+            a = 1 / (X - z).norm(dim=1).clamp_min(nu)
+            z = (a @ X) / a.sum()
+        return z
+
+    torch.testing.assert_close(GeometricMedian(T=6, nu=1e-6)(X).double(),
+                               gm_ref(X64, 6, 1e-6), rtol=1e-6, atol=1e-6)
+    m = X64.mean(0)
+    cc = CenteredClipping(m=m.float(), tau=0.3, L=2)(X).double()
+    v = m
+    for _ in range(2):
+        diff = X64 - v
+        v = v + (diff * torch.clamp(0.3 / diff.norm(dim=1), max=1.0)[:, None]).mean(0)
+    torch.testing.assert_close(cc, v, rtol=1e-6, atol=1e-6)
+    dist = (X64 - X64[3]).norm(dim=1)
+    torch.testing.assert_close(MoNNA(f=2, idx=3)(X).double(),
+                               X64[torch.sort(dist, stable=True).indices[:5]].mean(0),
+                               rtol=1e-6, atol=1e-5)  # a wrong neighbour moves it by ~1e-3
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bounds_name_the_rule():
     X = torch.zeros(4, 3)
@@ -397,6 +443,28 @@ def test_non_finite_rows_name_the_worker():
     # a row sum that overflows is not a non-finite row
     big = torch.full((3, 4), 1e38)  # float32: each row sums to inf
     assert Mean()(big).eq(1e38).all()
+
+
+ALL_RULES = [Mean(), CoordinateMedian(), TrimmedMean(f=1), GeometricMedian(),
+             GeometricMedian(T=0), GeometricMedian(init=torch.zeros(3)), Krum(f=1),
+             MultiKrum(f=1), CenteredClipping(), CenteredClipping(L=0), MDA(f=1), MDA(f=0),
+             MoNNA(f=1, idx=2), FlagAggregator(), NNM(f=1), NNM(f=0), Bucketing(s=2),
+             Clipping(), ARC(f=1), ARC(f=0), NNM(f=1) >> Krum(f=1), Clipping() >> Mean()]
+
+
+@pytest.mark.parametrize("rule", ALL_RULES, ids=repr)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_every_rule_refuses_non_finite_rows(rule, value):
+    X = torch.randn(6, 3, dtype=torch.float64)
+    X[4, 1] = value
+    with pytest.raises(ValueError, match=r"worker\(s\) \[4\] sent non-finite"):
+        rule(X)
+
+
+def test_a_single_row_with_inf_is_refused():
+    for rule in (Krum(f=0), MultiKrum(f=0), MoNNA(f=0), NNM(f=0), MDA(f=0)):
+        with pytest.raises(ValueError, match=r"worker\(s\) \[0\]"):
+            rule(torch.tensor([[1.0, math.inf]]))
 
 
 def test_shapes_and_dtypes():

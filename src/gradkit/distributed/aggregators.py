@@ -37,6 +37,7 @@ stacked (n, d) matrix of flattened worker vectors.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import warnings
@@ -79,6 +80,9 @@ class _Rule:
     supports_weights: ClassVar[bool] = False
     #: whether rows with NaN/inf are accepted (only :class:`DropNonFinite`)
     allows_nonfinite: ClassVar[bool] = False
+    #: whether the rule detects non-finite rows from a quantity it computes anyway (row
+    #: norms, distances, its output) instead of a separate pass over X (see _check_rows)
+    checks_rows_itself: ClassVar[bool] = False
 
     @property
     def name(self) -> str:
@@ -94,7 +98,7 @@ class _Rule:
 
     def _validate(self, vectors: Any, weights: Any) -> tuple[Tensor, Tensor | None]:
         X = V.as_matrix(self.name, vectors)
-        if not self.allows_nonfinite:
+        if not self.allows_nonfinite and not self.checks_rows_itself:
             V.check_finite(self.name, X)
         w = None
         if weights is not None:
@@ -108,6 +112,12 @@ class _Rule:
 
     def check_n(self, n: int) -> None:
         """Raise ``ValueError`` if the rule cannot run on n vectors (the rule's bound)."""
+
+    def _check_rows(self, X: Tensor, values: Tensor) -> None:
+        """For rules with ``checks_rows_itself``: ``values`` is non-finite whenever a row of X
+        is (row norms, distances, sums over rows); only then is X scanned, to name the rows."""
+        if not math.isfinite(float(values.sum())):  # a sum is cheaper than isfinite().all()
+            V.check_finite(self.name, X)
 
     # state (only stateful rules override these)
     def reset(self) -> None:
@@ -190,6 +200,10 @@ class _PreChain(PreAggregator):
         return self.stages[0].allows_nonfinite
 
     @property
+    def checks_rows_itself(self) -> bool:  # type: ignore[override]
+        return self.stages[0].checks_rows_itself
+
+    @property
     def name(self) -> str:
         return " >> ".join(repr(s) for s in self.stages)
 
@@ -235,6 +249,10 @@ class Pipeline(Aggregator):
         return self.pre[0].allows_nonfinite if self.pre else self.final.allows_nonfinite
 
     @property
+    def checks_rows_itself(self) -> bool:  # type: ignore[override]
+        return (self.pre[0] if self.pre else self.final).checks_rows_itself
+
+    @property
     def name(self) -> str:
         return " >> ".join(repr(s) for s in (*self.pre, self.final))
 
@@ -259,44 +277,124 @@ class Pipeline(Aggregator):
 
 
 # ------------------------------------------------------------------------------ distances
-#: pairs whose Gram-expanded squared distance is below this many ``sqrt(d)·eps·(‖a‖² + ‖b‖²)``
-#: are recomputed from the difference (the expansion may have lost their digits)
-_CANCELLATION_MARGIN = 64.0
+#: an expanded squared distance ‖a‖² + ‖b‖² − 2⟨a, b⟩ is trusted when it keeps at least this
+#: fraction of ‖a‖² + ‖b‖² (at most 3 bits lost to cancellation); otherwise it is recomputed
+_TRUSTED_FRACTION = 0.125
 
 
 def pairwise_sq_distances(X: Tensor) -> Tensor:
     r"""The (n, n) squared Euclidean distances between the rows of X, from one matrix product.
 
-    :math:`\|a - b\|^2 = \|a\|^2 + \|b\|^2 - 2\langle a, b\rangle` on the rows centred on their
-    mean (distances do not change under a translation, and centring removes the common
-    component that would otherwise cancel), clamped at 0, with an exact zero diagonal. The
-    entries small enough for the cancellation to matter (below
-    ``64·sqrt(d)·eps·(‖a‖² + ‖b‖²)``, e.g. honest rows far from a mean pulled away by an
-    outlier) are recomputed from the differences, so every entry keeps its relative accuracy.
+    :math:`\|a - b\|^2 = \|a\|^2 + \|b\|^2 - 2\langle a, b\rangle`, clamped at 0, with an
+    exact zero diagonal. The expansion loses digits when a distance is small next to the
+    norms (rows sharing a large common component), so an entry is trusted only if it keeps at
+    least 1/8 of ``‖a‖² + ‖b‖²`` (at most 3 bits lost). If some entry does not, the rows are
+    centred on their mean (distances do not change under a translation; this costs one copy
+    of X) and the product is redone; the entries still untrusted (e.g. honest rows far from a
+    mean pulled away by an outlier) are recomputed from the differences. The common case
+    costs one product and no copy.
     """
-    d = X.shape[1]
-    Xc = X - X.mean(dim=0)
-    G = Xc @ Xc.T
-    sq = G.diagonal().clone()
-    S = sq[:, None] + sq[None, :]
-    D = (S - 2 * G).clamp_min_(0)
-    D.fill_diagonal_(0)
-    tol = _CANCELLATION_MARGIN * math.sqrt(d) * torch.finfo(X.dtype).eps
-    suspect = torch.triu(D <= tol * S, diagonal=1).nonzero()
-    if len(suspect):
-        chunk = max(1, (1 << 24) // d)  # about 16M entries of differences at a time
-        for start in range(0, len(suspect), chunk):
-            i, j = suspect[start:start + chunk].unbind(1)
-            exact = (X[i] - X[j]).square().sum(dim=1)
+    D, suspect = _gram_distances(X)
+    if suspect.any():
+        D, suspect = _gram_distances(X - X.mean(dim=0))
+        pairs = torch.triu(suspect, diagonal=1).nonzero()
+        chunk = max(1, (1 << 24) // X.shape[1])  # about 16M differences at a time
+        for start in range(0, len(pairs), chunk):
+            i, j = pairs[start:start + chunk].unbind(1)
+            exact = _row_sq_norms(X[i] - X[j])
             D[i, j] = exact
             D[j, i] = exact
     return D
 
 
-def _distances_to(X: Tensor, z: Tensor) -> Tensor:
-    """‖x_i − z‖ for every row, from the differences (no n×d temporary)."""
-    return torch.cdist(X[None], z.reshape(1, 1, -1),
-                       compute_mode="donot_use_mm_for_euclid_dist")[0, :, 0]
+def _gram_distances(X: Tensor) -> tuple[Tensor, Tensor]:
+    """Squared distances by the Gram expansion, and the mask of untrustworthy entries."""
+    G = X @ X.T
+    sq = G.diagonal().clone()
+    S = sq[:, None] + sq[None, :]
+    D = (S - 2 * G).clamp_min_(0)
+    D.fill_diagonal_(0)
+    suspect = D < _TRUSTED_FRACTION * S
+    suspect.fill_diagonal_(False)
+    return D, suspect
+
+
+#: column-wise order statistics use a sorting network up to this many rows (torch.sort)
+_NETWORK_MAX_ROWS = 64
+#: columns per block of the sorting network (the block's rows stay in cache)
+_NETWORK_BLOCK = 1 << 15
+
+
+@functools.lru_cache(maxsize=256)
+def _sorting_network(n: int, needed: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """Batcher's odd-even merge sort network on n wires, keeping only the comparators that
+    the ``needed`` output positions depend on. Comparator (i, j), i < j, puts the smaller
+    value at i."""
+    pairs = []
+    p = 1
+    while p < n:
+        k = p
+        while k >= 1:
+            for j in range(k % p, n - k, 2 * k):
+                for i in range(min(k, n - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p):
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    used, keep = set(needed), []
+    for i, j in reversed(pairs):
+        if i in used or j in used:
+            keep.append((i, j))
+            used.update((i, j))
+    return tuple(reversed(keep))
+
+
+def _order_statistics(X: Tensor, positions: range) -> Tensor:
+    """Rows ``positions`` of X sorted along dim 0 (the k-th smallest value of each column).
+
+    Up to 64 rows, a sorting network of elementwise min/max on whole rows, applied block by
+    block of 32768 columns: torch's per-column sort and selection kernels pay a fixed cost
+    per column, the network pays per row pair (about 10x faster for n = 10 and 3-4x for
+    n = 50 at d = 1e5-1e6, measured by ``benchmarks/aggregators.py``). Above, ``torch.sort``.
+    """
+    n, d = X.shape
+    if n > _NETWORK_MAX_ROWS:
+        return X.sort(dim=0).values[positions.start:positions.stop]
+    pairs = _sorting_network(n, tuple(positions))
+    out = X.new_empty((len(positions), d))
+    for start in range(0, d, _NETWORK_BLOCK):
+        W = X[:, start:start + _NETWORK_BLOCK].clone()
+        rows = W.unbind(0)
+        low = torch.empty_like(rows[0])
+        for i, j in pairs:
+            torch.minimum(rows[i], rows[j], out=low)
+            torch.maximum(rows[i], rows[j], out=rows[j])
+            rows[i].copy_(low)
+        out[:, start:start + _NETWORK_BLOCK] = W[positions.start:positions.stop]
+    return out
+
+
+def _row_sq_norms(X: Tensor) -> Tensor:
+    """‖x_i‖² of every row (a norm reduction: no n×d temporary, unlike X.square())."""
+    return torch.linalg.vector_norm(X, dim=1).square()
+
+
+def _distances_to(X: Tensor, z: Tensor, sq: Tensor | None = None) -> Tensor:
+    """‖x_i − z‖ for every row: ``‖x_i‖² − 2 X z + ‖z‖²`` (one matrix-vector product; ``sq``
+    are the ‖x_i‖² if known), with the rows the expansion cannot be trusted on (see
+    :func:`pairwise_sq_distances`) recomputed from the differences."""
+    if sq is None:
+        sq = _row_sq_norms(X)
+    zz = z @ z
+    S = sq + zz
+    d2 = S - 2 * (X @ z)
+    suspect = d2 < _TRUSTED_FRACTION * S
+    n_suspect = int(suspect.sum())
+    if 2 * n_suspect > X.shape[0]:
+        d2 = _row_sq_norms(X - z)
+    elif n_suspect:
+        d2[suspect] = _row_sq_norms(X[suspect] - z)
+    return d2.clamp_min_(0).sqrt_()
 
 
 def _first_k(values: Tensor, k: int, dim: int = -1) -> Tensor:
@@ -315,11 +413,12 @@ class Mean(Aggregator):
     """
 
     supports_weights = True
+    checks_rows_itself = True
 
     def aggregate(self, X: Tensor, weights: Tensor | None) -> Tensor:
-        if weights is None:
-            return X.mean(dim=0)
-        return weights @ X
+        out = X.mean(dim=0) if weights is None else weights @ X
+        self._check_rows(X, out)
+        return out
 
 
 class CoordinateMedian(Aggregator):
@@ -331,9 +430,9 @@ class CoordinateMedian(Aggregator):
     def aggregate(self, X: Tensor, weights: Tensor | None) -> Tensor:
         n = X.shape[0]
         if n % 2:
-            return X.median(dim=0).values
-        lower, upper = torch.topk(X, n // 2 + 1, dim=0, largest=False).values[-2:]
-        return (lower + upper) / 2
+            return _order_statistics(X, range(n // 2, n // 2 + 1))[0]
+        lower, upper = _order_statistics(X, range(n // 2 - 1, n // 2 + 1))
+        return torch.lerp(lower, upper, 0.5)  # rounds as torch.quantile(X, 0.5) does
 
 
 class TrimmedMean(Aggregator):
@@ -357,10 +456,7 @@ class TrimmedMean(Aggregator):
         n, f = X.shape[0], self.f
         if f == 0:
             return X.mean(dim=0)
-        # the sum minus the f smallest and the f largest of each coordinate
-        low = torch.topk(X, f, dim=0, largest=False).values.sum(dim=0)
-        high = torch.topk(X, f, dim=0, largest=True).values.sum(dim=0)
-        return (X.sum(dim=0) - low - high) / (n - 2 * f)
+        return _order_statistics(X, range(f, n - f)).mean(dim=0)
 
 
 class GeometricMedian(Aggregator):
@@ -384,6 +480,7 @@ class GeometricMedian(Aggregator):
     """
 
     supports_weights = True
+    checks_rows_itself = True
 
     def __init__(self, nu: float = 0.1, T: int = 3, init: Tensor | None = None):
         self.nu = V.check_real(self.name, "nu", nu, positive=True)
@@ -396,9 +493,11 @@ class GeometricMedian(Aggregator):
     def aggregate(self, X: Tensor, weights: Tensor | None) -> Tensor:
         n, d = X.shape
         w = weights if weights is not None else X.new_full((n,), 1.0 / n)
+        sq = _row_sq_norms(X)  # ‖x_i‖², reused by every iteration
+        self._check_rows(X, sq)
         if self.init is None:
             z = X.new_zeros(d)
-            dist = torch.linalg.vector_norm(X, dim=1) if self.T else None
+            dist = sq.sqrt()  # the distances to z_0 = 0
         else:
             z = torch.as_tensor(self.init, dtype=X.dtype, device=X.device)
             if z.shape != (d,):
@@ -407,7 +506,7 @@ class GeometricMedian(Aggregator):
             dist = None
         for _ in range(self.T):
             if dist is None:
-                dist = _distances_to(X, z)
+                dist = _distances_to(X, z, sq)
             alpha = w / dist.clamp_min(self.nu)
             z = (alpha @ X) / alpha.sum()
             dist = None
@@ -428,6 +527,8 @@ class Krum(Aggregator):
         f: number of Byzantine workers to tolerate.
         neighbors: k (default n − f − 1), between 1 and n − 1.
     """
+
+    checks_rows_itself = True
 
     def __init__(self, f: int = 0, neighbors: int | None = None):
         self.f = V.check_count(self.name, "f", f)
@@ -451,8 +552,10 @@ class Krum(Aggregator):
         n = X.shape[0]
         k = self.neighbors if self.neighbors is not None else n - self.f - 1
         if k == 0:  # n = 1, f = 0: nothing to compare
+            V.check_finite(self.name, X)
             return X.new_zeros(n)
         D = pairwise_sq_distances(X)
+        self._check_rows(X, D)
         D.fill_diagonal_(math.inf)
         return torch.topk(D, k, dim=1, largest=False).values.mean(dim=1)
 
@@ -511,6 +614,7 @@ class CenteredClipping(Aggregator):
     """
 
     supports_weights = True
+    checks_rows_itself = True
 
     def __init__(self, m: Tensor | None = None, L: int = 1, tau: float = 100.0):
         self.m = None if m is None else torch.as_tensor(m)
@@ -542,8 +646,10 @@ class CenteredClipping(Aggregator):
             raise ValueError(f"CenteredClipping: the centre has shape {tuple(v.shape)}, the "
                              f"vectors have d={d}; call reset() or pass m of shape ({d},)")
         w = weights if weights is not None else X.new_full((n,), 1.0 / n)
+        sq = _row_sq_norms(X)  # ‖x_i‖², reused by every iteration
+        self._check_rows(X, sq)
         for _ in range(self.L):
-            dist = _distances_to(X, v)
+            dist = _distances_to(X, v, sq)
             scale = torch.where(dist > self.tau, self.tau / dist, torch.ones_like(dist))
             c = w * scale  # v + Σ c_i (x_i − v)
             v = v + (c @ X - c.sum() * v)
@@ -561,6 +667,8 @@ class MDA(Aggregator):
         f: number of Byzantine workers to tolerate.
         max_subsets: the largest C(n, f) accepted (100 000).
     """
+
+    checks_rows_itself = True
 
     def __init__(self, f: int = 0, max_subsets: int = 100_000):
         self.f = V.check_count(self.name, "f", f)
@@ -581,8 +689,11 @@ class MDA(Aggregator):
         n = X.shape[0]
         k = n - self.f
         if self.f == 0:
-            return X.mean(dim=0)
+            mean = X.mean(dim=0)
+            self._check_rows(X, mean)
+            return mean
         D = pairwise_sq_distances(X)  # squared: the same order as the distances
+        self._check_rows(X, D)
         subsets = torch.tensor(list(itertools.combinations(range(n), k)), device=X.device)
         chunk = max(1, (1 << 22) // (k * k))
         diameters = torch.cat([
@@ -603,6 +714,8 @@ class MoNNA(Aggregator):
         idx: the index of the reference vector (0).
     """
 
+    checks_rows_itself = True
+
     def __init__(self, f: int = 0, idx: int = 0):
         self.f = V.check_count(self.name, "f", f)
         self.idx = V.check_count(self.name, "idx", idx)
@@ -618,6 +731,7 @@ class MoNNA(Aggregator):
 
     def aggregate(self, X: Tensor, weights: Tensor | None) -> Tensor:
         dist = _distances_to(X, X[self.idx])
+        self._check_rows(X, dist)
         dist[self.idx] = 0  # exactly (cdist of a row with itself may round)
         return X[_first_k(dist, X.shape[0] - self.f)].mean(dim=0)
 
@@ -664,6 +778,7 @@ class FlagAggregator(Aggregator):
 
     _EPS = 1e-7
     _TOL = 1e-10
+    checks_rows_itself = True
 
     def __init__(self, r: int = 1, lambda_: float = 0.0, n_its: int = 1,
                  init: int | Tensor = 1, rescale: str | None = None, f: int | None = None):
@@ -726,6 +841,7 @@ class FlagAggregator(Aggregator):
         if self.r > d:
             raise ValueError(f"FlagAggregator: r={self.r} exceeds the dimension d={d}")
         norms = torch.linalg.vector_norm(X, dim=1)
+        self._check_rows(X, norms)
         U = X / norms.clamp_min(1e-12)[:, None]  # rows = unit vectors x_i
         K = (U @ U.T).double()  # all that the iterations need
         Y0 = self._start(d, X)
@@ -794,6 +910,7 @@ class NNM(PreAggregator):
     """
 
     preserves_rows = True
+    checks_rows_itself = True
 
     def __init__(self, f: int = 0):
         self.f = V.check_count(self.name, "f", f)
@@ -810,8 +927,12 @@ class NNM(PreAggregator):
         n = X.shape[0]
         k = n - self.f
         if self.f == 0:
-            return X.mean(dim=0).expand(n, -1).clone()
-        nearest = _first_k(pairwise_sq_distances(X), k, dim=1)
+            mean = X.mean(dim=0)
+            self._check_rows(X, mean)
+            return mean.expand(n, -1).clone()
+        D = pairwise_sq_distances(X)
+        self._check_rows(X, D)
+        nearest = _first_k(D, k, dim=1)
         S = X.new_zeros(n, n).scatter_(1, nearest, 1.0 / k)
         return S @ X
 
@@ -826,6 +947,8 @@ class Bucketing(PreAggregator):
         generator: the ``torch.Generator`` of the shuffle (default: torch's global one, as
             ByzFL, so ``torch.manual_seed`` reproduces its permutation).
     """
+
+    checks_rows_itself = True
 
     def __init__(self, s: int = 1, generator: torch.Generator | None = None):
         self.s = V.check_count(self.name, "s", s, minimum=1)
@@ -842,6 +965,7 @@ class Bucketing(PreAggregator):
         out = X[:full].reshape(n // self.s, self.s, d).mean(dim=1)
         if full < n:
             out = torch.cat([out, X[full:].mean(dim=0, keepdim=True)])
+        self._check_rows(X, out)  # a bucket mean is non-finite if one of its rows is
         return out
 
 
@@ -860,6 +984,8 @@ class Clipping(PreAggregator):
 
     preserves_rows = True
 
+    checks_rows_itself = True
+
     def __init__(self, c: float = 2.0):
         self.c = V.check_real(self.name, "c", c, nonnegative=True)
 
@@ -867,7 +993,9 @@ class Clipping(PreAggregator):
         return {"c": self.c}
 
     def transform(self, X: Tensor) -> Tensor:
-        return _clip_rows(X, torch.linalg.vector_norm(X, dim=1), self.c)
+        norms = torch.linalg.vector_norm(X, dim=1)
+        self._check_rows(X, norms)
+        return _clip_rows(X, norms, self.c)
 
 
 class ARC(PreAggregator):
@@ -886,6 +1014,8 @@ class ARC(PreAggregator):
 
     preserves_rows = True
 
+    checks_rows_itself = True
+
     def __init__(self, f: int = 0):
         self.f = V.check_count(self.name, "f", f)
 
@@ -899,9 +1029,10 @@ class ARC(PreAggregator):
     def transform(self, X: Tensor) -> Tensor:
         n = X.shape[0]
         k = 2 * self.f * (n - self.f) // n
+        norms = torch.linalg.vector_norm(X, dim=1)
+        self._check_rows(X, norms)
         if k == 0:
             return X.clone()
-        norms = torch.linalg.vector_norm(X, dim=1)
         order = torch.sort(norms, stable=True).indices
         threshold = norms[order[n - k - 1]]
         clipped = torch.zeros(n, dtype=torch.bool, device=X.device)
