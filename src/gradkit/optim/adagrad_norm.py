@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from gradkit.optim._base import (
     add_l2_decay,
@@ -18,6 +19,20 @@ from gradkit.optim._base import (
     step_counter,
 )
 from gradkit.optim._registry import register
+
+
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """A 1-element Tensor lr of any shape as a 0-d tensor (torch squeezes it the same way in
+    ``step``), so it broadcasts like a number; floats pass through."""
+    return lr.squeeze() if isinstance(lr, Tensor) and lr.dim() != 0 else lr
+
+
+def tensor_steps(optimizer: torch.optim.Optimizer) -> None:
+    """``state['step']`` saved as a Python number (as reference packages store it) -> the
+    float32 CPU scalar tensor torch keeps (what ``torch.optim.Adam.__setstate__`` does)."""
+    for state in optimizer.state.values():
+        if "step" in state and not torch.is_tensor(state["step"]):
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
 
 
 @register("adagradnorm")
@@ -86,6 +101,14 @@ class AdaGradNorm(torch.optim.Optimizer):
                         fused=fused)
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+        tensor_steps(self)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = evaluate_closure(closure)
@@ -115,7 +138,7 @@ class AdaGradNorm(torch.optim.Optimizer):
             accumulator = previous + squared.square().sum()
             for t in sums:
                 t.copy_(accumulator)
-            coef = group["lr"] / (accumulator.sqrt() + group["eps"])
+            coef = scalar_lr(group["lr"]) / (accumulator.sqrt() + group["eps"])
             if foreach:
                 torch._foreach_sub_(params, torch._foreach_mul(grads, coef))
             else:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import required
 
 from gradkit.autodiff.per_example import per_example_grads
 from gradkit.optim._base import (
@@ -23,6 +24,7 @@ from gradkit.optim._base import (
     step_counter,
 )
 from gradkit.optim._registry import register
+from gradkit.optim.adagrad_norm import scalar_lr, tensor_steps
 
 _BUFFER = 3
 
@@ -61,12 +63,26 @@ class _ThreeBatchGD(torch.optim.Optimizer):
     _running = False
     _aggregate = staticmethod(median_of_three)
 
-    def __init__(self, params: Iterable[Any], lr: float, weight_decay: float = 0.0, *,
-                 maximize: bool = False, foreach: bool | None = None) -> None:
-        check_lr(lr)
+    def __init__(self, params: Iterable[Any], lr: float | Tensor = required,
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 foreach: bool | None = None) -> None:
+        if lr is not required:
+            check_lr(lr)
         check_non_negative("weight_decay", weight_decay)
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # torch raises for a group without lr when there is no top-level lr (``required``)
+        super().add_param_group(param_group)
+        check_lr(self.param_groups[-1]["lr"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+        tensor_steps(self)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -94,11 +110,12 @@ class _ThreeBatchGD(torch.optim.Optimizer):
                         slot.append(row)
             if ready_params:
                 direction = self._aggregate(*slots, foreach=foreach)
+                lr = scalar_lr(group["lr"])
                 if foreach:
-                    torch._foreach_add_(ready_params, direction, alpha=-group["lr"])
+                    torch._foreach_add_(ready_params, direction, alpha=-lr)
                 else:
                     for p, d in zip(ready_params, direction):
-                        p.add_(d, alpha=-group["lr"])
+                        p.add_(d, alpha=-lr)
         return loss
 
 
@@ -122,7 +139,7 @@ _DOC_COMMON = r"""
 
     Args:
         params: parameters or parameter groups.
-        lr: learning rate (required).
+        lr: learning rate (required: top-level or in every param group).
         weight_decay: L2 penalty added to each gradient before buffering (default 0).
         maximize: maximise the objective.
         foreach: use ``torch._foreach_*`` (None: torch's auto rule).

@@ -25,6 +25,9 @@ def drop_muon_layer_groups(layers: Any) -> list[dict[str, Any]]:
       ``model.modules()`` order (registration order, normally input -> output);
     * a list of lists of tensors: layer ``i`` is ``layers[i]``;
     * a flat iterable of tensors: one layer per tensor, in order;
+    * ``model.named_parameters()`` (``(name, tensor)`` pairs): one layer per owning module
+      (the name without its last component), in order, names kept as torch keeps them
+      (``param_names`` in the groups and in ``state_dict``);
     * a list of param-group dicts: a dict's ``layer`` key if present, else the next index.
 
     Inside a layer, ≥2-D tensors form a Muon group and 0/1-D tensors an AdamW group
@@ -47,19 +50,32 @@ def drop_muon_layer_groups(layers: Any) -> list[dict[str, Any]]:
         return items
     if all(isinstance(x, Tensor) for x in items):
         items = [[x] for x in items]
+    elif all(_is_named(x) for x in items):
+        owners: dict[str, list[tuple[str, Tensor]]] = {}
+        for name, p in items:
+            owners.setdefault(name.rpartition(".")[0], []).append((name, p))
+        items = list(owners.values())
     elif any(isinstance(x, (Tensor, dict)) for x in items):
         raise ValueError("DropMuon layers must be all tensors, all lists of tensors, or all "
                          "param-group dicts (not a mix)")
     groups = []
     for index, layer in enumerate(items):
         params = list(layer)
-        matrices = [p for p in params if p.ndim >= 2]
-        others = [p for p in params if p.ndim < 2]
+        matrices = [p for p in params if _tensor(p).ndim >= 2]
+        others = [p for p in params if _tensor(p).ndim < 2]
         if matrices:
             groups.append({"params": matrices, "use_muon": True, "layer": index})
         if others:
             groups.append({"params": others, "use_muon": False, "layer": index})
     return groups
+
+
+def _is_named(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], Tensor)
+
+
+def _tensor(p: Tensor | tuple[str, Tensor]) -> Tensor:
+    return p[1] if isinstance(p, tuple) else p
 
 
 def _save_generator(optimizer: DropMuon, state_dict: dict) -> dict:

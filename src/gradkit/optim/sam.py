@@ -64,12 +64,19 @@ class SAM(WrapperOptimizer):
         self._perturbation: list[tuple[Tensor, Tensor]] = []
 
     @torch.no_grad()
-    def first_step(self) -> None:
-        """Move to ``w + e`` using the current gradients (computed at ``w``)."""
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to ``w + e`` using the current gradients (computed at ``w``).
+
+        Args:
+            zero_grad: then clear the gradients (``zero_grad()``, set to None), ready for
+                the backward pass at ``w + e`` (the reference README's loop).
+        """
         pairs = [(group, params_with_grad("SAM", group)) for group in self.param_groups]
         scaled = [g * p.abs() if group["adaptive"] else g
                   for group, (params, grads) in pairs for p, g in zip(params, grads)]
         if not scaled:
+            if zero_grad:
+                self.zero_grad()
             return
         device = scaled[0].device
         norm = torch.linalg.vector_norm(
@@ -83,14 +90,22 @@ class SAM(WrapperOptimizer):
                 e = (g * p.square() if group["adaptive"] else g) * scale.to(p.device)
                 self._perturbation.append((p, p.clone()))
                 p.add_(e)
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self) -> None:
-        """Return to ``w`` and take the base step with the current gradients (at ``w + e``)."""
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to ``w`` and take the base step with the current gradients (at ``w + e``).
+
+        Args:
+            zero_grad: then clear the gradients (``zero_grad()``, set to None).
+        """
         for p, w in self._perturbation:
             p.copy_(w)
         self._perturbation = []
         self.base.step()
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
     def step(self, closure=None):
