@@ -4,6 +4,7 @@ survives a long-lived process, and the docstring examples."""
 
 from __future__ import annotations
 
+import copy
 import doctest
 
 import pytest
@@ -82,7 +83,7 @@ def test_state_dict_with_python_number_steps_loads_and_resumes(cls, path):
     first = [nn.Parameter(t.clone()) for t in inits]
     opt = cls(first, lr=1e-2, **PATHS[path])
     _train(opt, first, grads[:3])
-    saved = opt.state_dict()
+    saved = copy.deepcopy(opt.state_dict())
     for state in saved["state"].values():
         state["step"] = int(state["step"].item())
     resumed = [nn.Parameter(p.detach().clone()) for p in first]
@@ -113,7 +114,7 @@ def test_resumes_from_the_reference_packages_state_dict(name, package, kwargs):
     _train(their_opt, theirs, grads[:5])
     ours = [nn.Parameter(p.detach().clone()) for p in theirs]
     opt = ours_cls(ours, **kwargs)
-    opt.load_state_dict(their_opt.state_dict())
+    opt.load_state_dict(copy.deepcopy(their_opt.state_dict()))  # as if saved to disk
     _train(their_opt, theirs, grads[5:])
     _train(opt, ours, grads[5:])
     for a, b in zip(ours, theirs):
