@@ -337,14 +337,6 @@ def report(regime: str, cands: list[Candidate], numel: int) -> list[str]:
     return [*lines, "targets:", *checks]
 
 
-def native_info() -> str:
-    from gradkit.optim._native import adamp_kernels
-
-    return ("AdamP fused: large CPU weights run the native C kernel (gradkit.optim._native)"
-            if adamp_kernels() is not None else
-            "AdamP fused: native C kernel unavailable; torch.compile kernel for all weights")
-
-
 def machine_info() -> list[str]:
     cpu = platform.processor() or "?"
     try:
@@ -367,7 +359,6 @@ def main() -> int:
     print("optimizer step benchmark (conventions.md §2)")
     for line in machine_info():
         print(line)
-    print(native_info())
     print(f"anchors: pytorch_optimizer {'ok' if po else 'MISSING'}, "
           f"torch_optimizer {'ok' if to else 'MISSING'}; rounds={ARGS.rounds}, "
           f"window={ARGS.window}s; ratios are median step time / baseline median "
