@@ -324,7 +324,7 @@ def test_tensor_lr_steps_like_the_float(case: Case, path: str, shape: tuple):
     with pytest.raises(ValueError, match="lr"):
         make_for(case, TinyNet(), path, lr=torch.full((2,), 0.1))
     dtype = _dtype(path)
-    got, opt = train(case, 3 + case.warmup, path, dtype=dtype, lr=lr)
+    got, _ = train(case, 3 + case.warmup, path, dtype=dtype, lr=lr)
     want, _ = train(case, 3 + case.warmup, path, dtype=dtype)
     assert all(p.shape == q.shape for p, q in zip(got.parameters(), want.parameters()))
     torch.testing.assert_close(flat_params(got), flat_params(want), rtol=1e-6, atol=1e-12)

@@ -8,15 +8,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gradkit._checks import check_eps, check_impl_flags, check_lr, check_non_negative
 from gradkit.optim._base import (
     add_l2_decay,
-    check_eps,
-    check_impl_flags,
-    check_lr,
-    check_non_negative,
     evaluate_closure,
     group_gradients,
     step_counter,
+    tensor_steps,
 )
 from gradkit.optim._registry import register
 
@@ -25,14 +23,6 @@ def scalar_lr(lr: float | Tensor) -> float | Tensor:
     """A 1-element Tensor lr of any shape as a 0-d tensor (torch squeezes it the same way in
     ``step``), so it broadcasts like a number; floats pass through."""
     return lr.squeeze() if isinstance(lr, Tensor) and lr.dim() != 0 else lr
-
-
-def tensor_steps(optimizer: torch.optim.Optimizer) -> None:
-    """``state['step']`` saved as a Python number (as reference packages store it) -> the
-    float32 CPU scalar tensor torch keeps (what ``torch.optim.Adam.__setstate__`` does)."""
-    for state in optimizer.state.values():
-        if "step" in state and not torch.is_tensor(state["step"]):
-            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
 
 
 @register("adagradnorm")

@@ -14,17 +14,17 @@ import torch
 from torch import Tensor, nn
 from torch.optim.optimizer import required
 
+from gradkit._checks import check_lr, check_non_negative
 from gradkit.autodiff.per_example import per_example_grads
 from gradkit.optim._base import (
     add_l2_decay,
-    check_lr,
-    check_non_negative,
     evaluate_closure,
     group_gradients,
     step_counter,
+    tensor_steps,
 )
 from gradkit.optim._registry import register
-from gradkit.optim.adagrad_norm import scalar_lr, tensor_steps
+from gradkit.optim.adagrad_norm import scalar_lr
 
 _BUFFER = 3
 

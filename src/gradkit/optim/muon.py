@@ -9,20 +9,18 @@ import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw
 
-from gradkit.optim._base import (
+from gradkit._checks import (
     check_betas,
     check_eps,
     check_in_interval,
     check_lr,
     check_non_negative,
     check_positive_int,
-    evaluate_closure,
-    group_gradients,
-    step_counter,
 )
+from gradkit.optim._base import evaluate_closure, group_gradients, step_counter, tensor_steps
 from gradkit.optim._moments import init_adam_state
 from gradkit.optim._registry import register
-from gradkit.optim.adagrad_norm import scalar_lr, tensor_steps
+from gradkit.optim.adagrad_norm import scalar_lr
 from gradkit.optim.newton_schulz import newton_schulz5, ns_dtype_name
 
 # group key of an auxiliary (use_muon=False) group -> constructor default it falls back to

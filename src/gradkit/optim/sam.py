@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradkit.optim._base import check_non_negative, params_with_grad
+from gradkit._checks import check_non_negative
+from gradkit.optim._base import params_with_grad
 from gradkit.optim._registry import register
 from gradkit.optim._wrapper import WrapperOptimizer, build_base
 
