@@ -55,9 +55,22 @@ class AdaGradNorm(torch.optim.Optimizer):
     had a gradient. b² never decreases, so the group's current b² is the largest stored copy;
     parameters whose gradient is None are skipped and keep their stale copy.
 
+    Example (the first step has length α along ``-g/||g||``)::
+
+        >>> import torch
+        >>> from gradkit.optim import AdaGradNorm
+        >>> x = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> opt = AdaGradNorm([x], lr=1.0)
+        >>> x.grad = torch.tensor([3.0, 4.0])
+        >>> opt.step()  # b_1 = ||g|| = 5, x <- x - g / 5
+        >>> x.detach()
+        tensor([0.4000, 1.2000])
+        >>> opt.state[x]["sum"].item()
+        25.0
+
     Args:
         params: parameters or parameter groups.
-        lr: α (default 1e-2, torch Adagrad's default).
+        lr: α (default 1e-2, torch Adagrad's default); a float or a 1-element Tensor.
         initial_accumulator_value: b_0² (default 0).
         eps: added to b (default 1e-10, as torch Adagrad).
         weight_decay: L2 penalty added to the gradient (default 0).

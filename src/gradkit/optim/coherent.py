@@ -157,6 +157,23 @@ class M3(_ThreeBatchGD):
                 - \gamma\,\mathrm{median}(h_{t-2}, h_{t-1}, h_t)
                 \quad (\text{else } \theta_t = \theta_{t-1})
         \end{aligned}
+
+    Example (median(1, 5, 3) = 3 at step 3, median(4, 0, 2) = 2 at step 6)::
+
+        >>> import torch
+        >>> from gradkit.optim import M3
+        >>> x = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = M3([x], lr=1.0)
+        >>> for g in [1.0, 5.0, 3.0, 4.0, 0.0, 2.0]:
+        ...     x.grad = torch.tensor([g])
+        ...     opt.step()
+        ...     print(x.item())
+        0.0
+        0.0
+        -3.0
+        -3.0
+        -3.0
+        -5.0
     """ + _DOC_COMMON
 
     _name = "M3"
@@ -174,6 +191,21 @@ class RM3(_ThreeBatchGD):
         \end{aligned}
 
     The sequence is median(g1, g2, g3) at step 3, median(g4, g2, g3) at step 4, ...
+
+    Example (median(1, 5, 3) = 3 at step 3, then median(4, 5, 3) = 4)::
+
+        >>> import torch
+        >>> from gradkit.optim import RM3
+        >>> x = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = RM3([x], lr=1.0)
+        >>> for g in [1.0, 5.0, 3.0, 4.0]:
+        ...     x.grad = torch.tensor([g])
+        ...     opt.step()
+        ...     print(x.item())
+        0.0
+        0.0
+        -3.0
+        -7.0
     """ + _DOC_COMMON
 
     _name = "RM3"
@@ -192,6 +224,20 @@ class RA3(_ThreeBatchGD):
 
     Choice: the reference ``ra3.py`` shares ``m3.py``'s structure, so RA3 updates on disjoint
     triples like M3 (a plain SGD with 3× batch and 1/3 of the steps).
+
+    Example (mean(1, 5, 3) = 3 at step 3)::
+
+        >>> import torch
+        >>> from gradkit.optim import RA3
+        >>> x = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = RA3([x], lr=1.0)
+        >>> for g in [1.0, 5.0, 3.0]:
+        ...     x.grad = torch.tensor([g])
+        ...     opt.step()
+        ...     print(x.item())
+        0.0
+        0.0
+        -3.0
     """ + _DOC_COMMON
 
     _name = "RA3"

@@ -136,8 +136,28 @@ class DropMuon(Muon):
     :meth:`release_cutoff` drops a pending cutoff without stepping. ``last_cutoff`` is the
     cutoff used by the latest step (``(b − last_cutoff)/b`` of the layers were updated).
 
+    Example (a point mass on cutoff 1: only the second layer is ever updated)::
+
+        >>> import torch
+        >>> from gradkit.optim import DropMuon
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(4, 2))
+        >>> opt = DropMuon(model, lr=0.02, probs=[0.0, 1.0])
+        >>> first = model[0].weight.detach().clone()
+        >>> opt.zero_grad(set_to_none=True)
+        >>> opt.sample_cutoff()
+        1
+        >>> model(torch.randn(5, 3)).sum().backward()
+        >>> model[0].weight.grad is None  # the frozen prefix got no gradient
+        True
+        >>> opt.step()
+        >>> torch.equal(model[0].weight, first), opt.last_cutoff
+        (True, 1)
+
     Args:
-        params: a model, per-layer parameter lists, tensors, or groups with ``layer`` keys.
+        params: a model, ``model.named_parameters()`` (one layer per owning module),
+            per-layer parameter lists, tensors, or groups with ``layer`` keys.
         lr, momentum, nesterov, ns_steps, weight_decay: as :class:`Muon`.
         probs: probabilities of cutoffs 0..b−1 (length b, non-negative, summing to 1);
             ``None`` is uniform. A point mass on 0 gives plain Muon.

@@ -98,10 +98,30 @@ class Muon(torch.optim.Optimizer):
       orthogonalised in one batched NS5 call (on CPU up to ``CPU_BATCH_MAX_NUMEL`` elements,
       where batching pays; always on other devices).
     * ``maximize`` negates the gradient (both Muon and AdamW groups).
+    * The AdamW groups run torch's own functional AdamW (``torch.optim.adamw.adamw``), so
+      they take exactly the steps of ``torch.optim.AdamW`` and keep its state keys
+      (``step``, ``exp_avg``, ``exp_avg_sq``).
+
+    As ``torch.optim``: ``model.named_parameters()`` (flat or inside groups) is accepted and
+    the names are kept (``param_names``); ``lr`` may be a 1-element Tensor (any shape), which
+    torch refuses together with ``foreach=True`` (``ValueError``), and so does Muon; a
+    ``state_dict`` whose ``step`` values are Python numbers, or whose groups lack a flag
+    added later, loads (``__setstate__`` fills in the defaults).
+
+    Example (one step from zero: ``U = 0.0975·G``, NS5 maps the singular value 1 to 0.6964)::
+
+        >>> import torch
+        >>> from gradkit.optim import Muon
+        >>> p = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+        >>> opt = Muon([p], lr=0.02, ns_dtype="float64")
+        >>> p.grad = torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64))
+        >>> opt.step()
+        >>> print(f"{p[0, 0].item():.6f} {p[1, 1].item():.1f}")  # -0.02 · 0.6964
+        -0.013929 0.0
 
     Args:
         params: parameters or parameter groups (dicts, optionally with ``use_muon``).
-        lr: Muon learning rate (default 0.02).
+        lr: Muon learning rate (default 0.02); a float or a 1-element Tensor.
         momentum: β (default 0.95).
         nesterov: Nesterov-style update (default True).
         ns_steps: Newton–Schulz iterations (default 5).

@@ -102,6 +102,23 @@ class PerpGrad(WrapperOptimizer):
         opt = PerpGrad(model.parameters(), base="sgd", lr=1e-2, momentum=0.8)
         opt = PerpGrad(base=torch.optim.AdamW(model.parameters(), lr=1e-3))
 
+    Computed scale-safely and in float32 for float16/bfloat16 tensors (see
+    :func:`orthogonal_gradients`), so the projected gradient is finite wherever the gradient
+    is; the guards act on ``w/max|w|`` and ``g/max|g|`` (a documented departure from the
+    reference, whose unscaled ``1e-30`` underflows in float16 and whose norms overflow for
+    float32 gradients ≥ 1e19; on ordinary values the two agree to rounding).
+
+    Example (``w = [1, 0]``, ``g = [1, 1]``: ``g⊥ = [0, 1]``, rescaled to ``||g|| = √2``)::
+
+        >>> import torch
+        >>> from gradkit.optim import PerpGrad
+        >>> w = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+        >>> opt = PerpGrad([w], base="sgd", lr=1.0)
+        >>> w.grad = torch.tensor([1.0, 1.0])
+        >>> opt.step()
+        >>> w.detach(), w.grad  # p.grad is left as it was
+        (tensor([ 1.0000, -1.4142]), tensor([1., 1.]))
+
     Args:
         params: parameters or groups (``None`` when ``base`` is an optimizer instance).
         base: registry name (``"sgd"``, ``"adamw"``, ...), optimizer class, or instance.

@@ -49,6 +49,33 @@ class SAM(WrapperOptimizer):
             return loss
         loss = opt.step(closure)
 
+    The reference README's loop works unchanged (``base`` may be a class, as there)::
+
+        opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    (Choice: the reference's ``step(closure)`` expects the gradient at ``w`` to be computed
+    before the call and evaluates the closure once; here ``step(closure)`` evaluates it
+    twice, so no backward pass is needed before it.)
+
+    Example (``w = 3``, ``L = w²``: ``e = ρ·sign(g) = 0.5``, gradient 7 at ``w + e``)::
+
+        >>> import torch
+        >>> from gradkit.optim import SAM
+        >>> w = torch.nn.Parameter(torch.tensor([3.0]))
+        >>> opt = SAM([w], base="sgd", lr=0.1, rho=0.5)
+        >>> def closure():
+        ...     loss = (w ** 2).sum()
+        ...     loss.backward()
+        ...     return loss
+        >>> opt.step(closure).item()  # the loss at w
+        9.0
+        >>> w.detach(), w.grad  # w <- 3 - 0.1 * 7
+        (tensor([2.3000]), tensor([7.]))
+
     Args:
         params: parameters or groups (``None`` when ``base`` is an optimizer instance).
         base: registry name, optimizer class, or instance (default ``"sgd"``).
