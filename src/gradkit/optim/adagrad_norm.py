@@ -69,14 +69,18 @@ class AdaGradNorm(torch.optim.Optimizer):
         25.0
 
     Args:
-        params: parameters or parameter groups.
-        lr: α (default 1e-2, torch Adagrad's default); a float or a 1-element Tensor.
-        initial_accumulator_value: b_0² (default 0).
-        eps: added to b (default 1e-10, as torch Adagrad).
-        weight_decay: L2 penalty added to the gradient (default 0).
-        maximize: maximise the objective.
-        foreach: use ``torch._foreach_*`` (None: torch's auto rule).
-        fused: accepted for API compatibility; ``True`` raises (no fused kernel).
+        params: iterable of parameters or named_parameters to optimize, or dicts defining
+            parameter groups.
+        lr (float, Tensor, optional): step size :math:`\alpha`; a float or a 1-element
+            Tensor (default: 1e-2, torch Adagrad's).
+        initial_accumulator_value: :math:`b_0^2` (default: 0).
+        eps: term :math:`\epsilon` added to :math:`b` (default: 1e-10, as torch Adagrad).
+        weight_decay: L2 penalty :math:`\lambda`, added to the gradient (default: 0).
+        maximize: maximize the objective instead of minimizing (default: False).
+        foreach: use the ``torch._foreach_*`` implementation; None picks it on CUDA-class
+            devices only, as torch does (default: None).
+        fused: accepted for torch's signature; True raises, there is no fused
+            implementation (default: None).
     """
 
     def __init__(

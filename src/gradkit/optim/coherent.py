@@ -138,11 +138,15 @@ _DOC_COMMON = r"""
     ``step``. Each step's gradient must be a fresh mini-batch gradient.
 
     Args:
-        params: parameters or parameter groups.
-        lr: learning rate (required: top-level or in every param group).
-        weight_decay: L2 penalty added to each gradient before buffering (default 0).
-        maximize: maximise the objective.
-        foreach: use ``torch._foreach_*`` (None: torch's auto rule).
+        params: iterable of parameters or named_parameters to optimize, or dicts defining
+            parameter groups.
+        lr (float, Tensor): learning rate :math:`\gamma`; required, at the top level or in
+            every parameter group.
+        weight_decay: L2 penalty :math:`\lambda`, added to each gradient before it is
+            buffered (default: 0).
+        maximize: maximize the objective instead of minimizing (default: False).
+        foreach: use the ``torch._foreach_*`` implementation; None picks it on CUDA-class
+            devices only, as torch does (default: None).
 """
 
 

@@ -158,12 +158,16 @@ class DropMuon(Muon):
     Args:
         params: a model, ``model.named_parameters()`` (one layer per owning module),
             per-layer parameter lists, tensors, or groups with ``layer`` keys.
-        lr, momentum, nesterov, ns_steps, weight_decay: as :class:`Muon`.
-        probs: probabilities of cutoffs 0..b−1 (length b, non-negative, summing to 1);
-            ``None`` is uniform. A point mass on 0 gives plain Muon.
-        seed: seed of the optimizer's own cutoff generator (``None``: drawn from torch's
-            global RNG, so ``torch.manual_seed`` makes runs reproducible). The generator state
-            is part of ``state_dict``.
+        lr (float, Tensor, optional): Muon learning rate (default: 0.02).
+        momentum: momentum factor β (default: 0.95).
+        nesterov: use the Nesterov-style update (default: True).
+        ns_steps: number of Newton–Schulz iterations (default: 5).
+        weight_decay: decoupled weight decay of the Muon groups (default: 0).
+        probs: probabilities of the cutoffs 0..b−1 (length b, non-negative, summing to 1);
+            None is uniform, a point mass on 0 gives plain Muon (default: None).
+        seed: seed of the optimizer's own cutoff generator; None draws it from torch's
+            global RNG, so ``torch.manual_seed`` makes runs reproducible. The generator state
+            is part of ``state_dict`` (default: None).
         **muon_kwargs: keyword-only arguments of :class:`Muon` (``adamw_lr``, ``ns_dtype``,
             ``maximize``, ``foreach``, ...).
     """

@@ -120,17 +120,24 @@ class Muon(torch.optim.Optimizer):
         -0.013929 0.0
 
     Args:
-        params: parameters or parameter groups (dicts, optionally with ``use_muon``).
-        lr: Muon learning rate (default 0.02); a float or a 1-element Tensor.
-        momentum: β (default 0.95).
-        nesterov: Nesterov-style update (default True).
-        ns_steps: Newton–Schulz iterations (default 5).
-        weight_decay: decoupled decay λ of Muon groups (default 0).
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW defaults for
-            ``use_muon=False`` groups.
-        ns_dtype: NS working dtype, ``"bfloat16"`` (reference), ``"float32"``, ``"float64"``.
-        maximize: maximise the objective.
-        foreach: use ``torch._foreach_*`` for momentum and AdamW (None: torch's auto rule).
+        params: iterable of parameters or named_parameters to optimize, or dicts defining
+            parameter groups (a group may carry ``use_muon``, default True).
+        lr (float, Tensor, optional): Muon learning rate :math:`\gamma`; a float or a
+            1-element Tensor (default: 0.02).
+        momentum: momentum factor :math:`\beta` (default: 0.95).
+        nesterov: use the Nesterov-style update :math:`U_t` (default: True).
+        ns_steps: number of Newton–Schulz iterations (default: 5).
+        weight_decay: decoupled weight decay :math:`\lambda` of the Muon groups (default: 0).
+        adamw_lr: learning rate of ``use_muon=False`` groups without their own ``lr``
+            (default: 3e-4).
+        adamw_betas: their :math:`(\beta_1, \beta_2)` (default: (0.9, 0.95)).
+        adamw_eps: their :math:`\epsilon` (default: 1e-10).
+        adamw_weight_decay: their decoupled weight decay (default: 0).
+        ns_dtype: working dtype of Newton–Schulz, ``"bfloat16"`` as the reference,
+            ``"float32"`` or ``"float64"`` (default: "bfloat16").
+        maximize: maximize the objective instead of minimizing (default: False).
+        foreach: use the ``torch._foreach_*`` implementation; None picks it on CUDA-class
+            devices only, as torch does (default: None).
     """
 
     def __init__(

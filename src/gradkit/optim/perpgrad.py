@@ -120,11 +120,15 @@ class PerpGrad(WrapperOptimizer):
         (tensor([ 1.0000, -1.4142]), tensor([1., 1.]))
 
     Args:
-        params: parameters or groups (``None`` when ``base`` is an optimizer instance).
-        base: registry name (``"sgd"``, ``"adamw"``, ...), optimizer class, or instance.
-        perp_foreach: projection with ``torch._foreach_*`` (None: torch's auto rule); kept
-            apart from the base optimizer's own ``foreach`` flag.
-        **base_kwargs: arguments of the base optimizer (``lr``, ``momentum``, ``foreach``...).
+        params: iterable of parameters or named_parameters to optimize, or dicts defining
+            parameter groups; None when ``base`` is an optimizer instance.
+        base: the base optimizer: a registry name (``"sgd"``, ``"adamw"``, ...), an
+            optimizer class, or an instance (default: "sgd").
+        perp_foreach: compute the projection with ``torch._foreach_*``; None picks it on
+            CUDA-class devices only. Kept apart from the base optimizer's own ``foreach``
+            (default: None).
+        **base_kwargs: arguments of the base optimizer (``lr``, ``momentum``, ``foreach``,
+            ...).
     """
 
     def __init__(self, params: Any = None, base: Any = "sgd", *,

@@ -77,11 +77,14 @@ class SAM(WrapperOptimizer):
         (tensor([2.3000]), tensor([7.]))
 
     Args:
-        params: parameters or groups (``None`` when ``base`` is an optimizer instance).
-        base: registry name, optimizer class, or instance (default ``"sgd"``).
-        rho: neighbourhood radius ρ (default 0.05).
-        adaptive: ASAM scaling by ``|w|`` (default False).
-        **base_kwargs: arguments of the base optimizer.
+        params: iterable of parameters or named_parameters to optimize, or dicts defining
+            parameter groups; None when ``base`` is an optimizer instance.
+        base: the base optimizer: a registry name, an optimizer class, or an instance
+            (default: "sgd").
+        rho: neighbourhood radius :math:`\rho`, per group (default: 0.05).
+        adaptive: ASAM, scale the perturbation by :math:`|w|` (default: False).
+        **base_kwargs: arguments of the base optimizer (``lr``, ``momentum``, ``maximize``,
+            ``foreach``, ...).
     """
 
     def __init__(self, params: Any = None, base: Any = "sgd", *, rho: float = 0.05,
