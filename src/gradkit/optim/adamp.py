@@ -269,6 +269,9 @@ class _AdamPScalars(NamedTuple):
 
 def _fused_adamp(opt: torch.optim.Optimizer, group: dict, params: list[Tensor],
                  grads: list[Tensor]) -> None:
+    """:func:`_adamp_kernel` over the params (one device and dtype), once per step count, with
+    the hyperparameters as a tensor (:func:`~gradkit.optim._fused.scalars`): changing ``lr``
+    does not recompile."""
     lr, (beta1, beta2) = float(group["lr"]), group["betas"]
     plain, projected = _decay_factors(lr, group["weight_decay"], group["wd_ratio"])
     for step, idx in indices_by_value(advance_steps(opt, params)).items():
@@ -303,6 +306,8 @@ def _project_and_step(p: Tensor, g: Tensor, direction: Callable[[], Tensor], eps
 
 def _adamp_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, nesterov: bool,
                   *, rows: bool) -> None:
+    """One AdamP step of ``(N, C, D)`` tensors, in place; ``rows=False``: never projected
+    (flat pack of 1-D tensors). Compiled by :func:`~gradkit.optim._packed.apply_rows`."""
     h = fields(_AdamPScalars, s)
     g = g * h.sign
 
@@ -488,6 +493,7 @@ class _SGDPScalars(NamedTuple):
 
 def _fused_sgdp(opt: torch.optim.Optimizer, group: dict, params: list[Tensor],
                 grads: list[Tensor]) -> None:
+    """:func:`_sgdp_kernel` over the params (see :func:`_fused_adamp`)."""
     lr, mu = float(group["lr"]), group["momentum"]
     s = scalars(_SGDPScalars(
         -1.0 if group["maximize"] else 1.0, mu, 1 - group["dampening"], group["eps"],
@@ -498,6 +504,7 @@ def _fused_sgdp(opt: torch.optim.Optimizer, group: dict, params: list[Tensor],
 
 def _sgdp_kernel(p: Tensor, g: Tensor, buf: Tensor, s: Tensor, nesterov: bool, *,
                  rows: bool) -> None:
+    """One SGDP step of ``(N, C, D)`` tensors, in place (see :func:`_adamp_kernel`)."""
     h = fields(_SGDPScalars, s)
     g = g * h.sign
 

@@ -245,6 +245,8 @@ class _DiffGradScalars(NamedTuple):
 
 def _fused_diffgrad(opt: torch.optim.Optimizer, group: dict, params: list[Tensor],
                     grads: list[Tensor]) -> None:
+    """:func:`_diffgrad_kernel` over the params (one device and dtype), once per step count,
+    with the hyperparameters as a tensor: changing ``lr`` does not recompile."""
     a = _diffgrad_args(group)
     for step, idx in indices_by_value(advance_steps(opt, params)).items():
         s = scalars(_DiffGradScalars(
@@ -256,6 +258,8 @@ def _fused_diffgrad(opt: torch.optim.Optimizer, group: dict, params: list[Tensor
 
 def _diffgrad_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, prev: Tensor,
                      s: Tensor) -> None:
+    """One diffGrad step of flat tensors, in place (compiled by
+    :func:`~gradkit.optim._packed.apply_elementwise`)."""
     h = fields(_DiffGradScalars, s)
     g = g * h.sign + p * h.weight_decay
     m_new = m + (g - m) * h.one_minus_beta1
