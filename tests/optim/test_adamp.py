@@ -1,4 +1,4 @@
-"""AdamP (methods.md §2): known answers, the projection, a float64 reference, paths, adamp."""
+"""AdamP (Heo et al. 2021): known answers, the projection, a float64 reference, paths, adamp."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from gradkit.optim import AdamP
 from gradkit.optim._fused import CHUNK
 from gradkit.optim._packed import BIG_NUMEL
 from gradkit.optim._projection import STACK_BELOW, coefficients, project
+from gradkit.optim._tiling import CUT_ABOVE
 from tests.optim.conformance import assert_schedule_does_not_recompile
 
 # weight-like tensors whose gradients are made channel-wise / layer-wise orthogonal to the
@@ -20,9 +21,11 @@ KINDS = ["channel", "layer", "free", "free", "free"]
 # fused-path problems: a big tensor (own kernel call), stacked same-shaped ones, packed 1-D
 FUSED_SHAPES = [(200, 200), (4, 6), (4, 6), *SHAPES]
 FUSED_KINDS = ["channel", "channel", "layer", *KINDS]
-# large tensors (at least _projection.STACK_BELOW elements: tested one at a time, in place)
-# of every branch, including three of one shape; beside them a stack of small ones and a
-# small 1-D one.
+# eager paths: tensors of at least _projection.STACK_BELOW elements are tested one at a time
+# (three of one shape, one of each branch); on the foreach path, those above
+# _tiling.CUT_ABOVE bytes that are channel-projected or not projected (decided from p and g
+# first) are stepped in pieces of rows (a 1-D one in flat pieces). Beside them a stack of
+# small ones and a small 1-D one.
 BIG_SHAPES = [(256, 128), (256, 128), (256, 128), (64, 8, 8, 8), (128, 300), (600, 300),
               (700, 200), (140_000,), (330, 8, 8, 8), (4, 6), (4, 6), (6,)]
 BIG_KINDS = ["channel", "layer", "free", "layer", "free", "channel", "free", "free", "layer",
@@ -30,7 +33,7 @@ BIG_KINDS = ["channel", "layer", "free", "layer", "free", "channel", "free", "fr
 
 
 def reference_projection(p, g, u, delta, wd_ratio, eps):
-    """The channel-then-layer projection exactly as methods.md §2 states it (float64)."""
+    """The channel-then-layer projection exactly as the AdamP docstring states it (float64)."""
     if p.ndim <= 1:
         return u, 1.0
     for rows in (p.shape[0], 1):
@@ -60,7 +63,7 @@ def make_grads(thetas, kinds, gen):
 
 def reference_adamp(thetas, steps, kinds, *, lr, betas=(0.9, 0.999), eps=1e-8, wd=0.0,
                     delta=0.1, wd_ratio=0.1, nesterov=False, seed=0):
-    """AdamP from the equations of methods.md §2 (float64); gradients from make_grads."""
+    """AdamP from the equations of its docstring (float64); gradients from make_grads."""
     b1, b2 = betas
     gen = torch.Generator().manual_seed(seed)
     thetas = [t.clone() for t in thetas]
@@ -248,6 +251,7 @@ def test_large_tensors_on_eager_paths_match_reference(path, nesterov):
     """Large weights skip the stacked branch-free projection and are not materialised unless
     projected: every branch (channel, layer, none) still follows the equations."""
     assert min(math.prod(s) for s in BIG_SHAPES[:9]) >= STACK_BELOW
+    assert min(math.prod(s) * 8 for s in BIG_SHAPES[5:9]) > CUT_ABOVE
     kw = dict(lr=1e-2, nesterov=nesterov)
     assert_same_trajectory(
         lambda ps: AdamP(ps, weight_decay=0.2, foreach=path == "foreach", **kw),

@@ -14,7 +14,8 @@ from torch import nn
 from gradkit.optim import SGDP, AdamP, DiffGrad
 
 CLASSES = [(DiffGrad, {}), (AdamP, {}), (SGDP, {"lr": 0.1})]
-class_param = pytest.mark.parametrize(("cls", "base"), CLASSES, ids=[c.__name__ for c, _ in CLASSES])
+class_param = pytest.mark.parametrize(("cls", "base"), CLASSES,
+                                      ids=[c.__name__ for c, _ in CLASSES])
 PATHS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 

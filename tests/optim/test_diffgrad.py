@@ -1,4 +1,4 @@
-"""diffGrad (methods.md §1): known answers, an independent float64 reference, paths, anchors."""
+"""diffGrad (Dubey et al.): known answers, an independent float64 reference, paths, anchors."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from gradkit.optim import DiffGrad, _fused
 from gradkit.optim._packed import BIG_NUMEL
+from gradkit.optim._tiling import CUT_ABOVE
 from gradkit.optim.diffgrad import PACK_BELOW
 from tests.optim.conformance import assert_schedule_does_not_recompile
 
@@ -21,7 +22,7 @@ def _sigmoid(x: float) -> float:
 
 def reference_diffgrad(thetas, grad_seq, *, lr, betas=(0.9, 0.999), eps=1e-8, wd=0.0,
                        maximize=False, legacy=False):
-    """diffGrad v2 written from the equations of methods.md §1 (float64, per tensor)."""
+    """diffGrad v2 written from the equations of its docstring (float64, per tensor)."""
     b1, b2 = betas
     thetas = [t.clone() for t in thetas]
     m = [torch.zeros_like(t) for t in thetas]
@@ -167,10 +168,11 @@ def test_packed_small_tensors_with_different_step_counts_match_unpacked(path):
 
 
 @pytest.mark.parametrize("path", ["loop", "foreach"])
-def test_large_tensors_beside_a_pack_match_reference(path):
-    """Large weights (stepped as they are) beside small ones (packed): the equations'."""
+def test_tensors_cut_into_cache_pieces_match_reference(path):
+    """Weights above _tiling.CUT_ABOVE bytes are stepped in pieces of rows (a 1-D one in flat
+    pieces), beside a pack of small ones; the result is still the equations'."""
     shapes = [(600, 300), (150_000,), (3, 4), (5,)]
-    assert min(math.prod(s) for s in shapes[:2]) >= PACK_BELOW > max(12, 5)
+    assert min(math.prod(s) * 8 for s in shapes[:2]) > CUT_ABOVE
     thetas, grad_seq = _problem(5, shapes=shapes)
     expected = reference_diffgrad(thetas, grad_seq, lr=1e-2, wd=0.05)
     got, _ = _run(lambda ps: DiffGrad(ps, lr=1e-2, weight_decay=0.05,

@@ -30,8 +30,9 @@ from gradkit.optim._base import (
 )
 from gradkit.optim._fused import fields, scalars
 from gradkit.optim._packed import advance_steps, apply_rows, indices_by_value
-from gradkit.optim._projection import coefficients, project, project_many
+from gradkit.optim._projection import coefficients, decide_early, project, project_many
 from gradkit.optim._registry import register
+from gradkit.optim._tiling import tiles
 
 __all__ = ["SGDP", "AdamP"]
 
@@ -170,12 +171,23 @@ class AdamP(GradkitOptimizer):
     def _multi_tensor(self, group: dict, params: list[Tensor], grads: list[Tensor],
                       steps: list[Tensor], exp_avgs: list[Tensor],
                       exp_avg_sqs: list[Tensor]) -> None:
-        _multi_tensor_adamp(params, grads, exp_avgs, exp_avg_sqs, advance_steps(self, params),
-                            **_adamp_args(group))
+        _tiled(_multi_tensor_adamp, group, [params, grads, exp_avgs, exp_avg_sqs],
+               advance_steps(self, params), **_adamp_args(group))
 
     def _fused(self, group: dict, params: list[Tensor], grads: list[Tensor],
                *state: list[Tensor]) -> None:
         _fused_adamp(self, group, params, grads)
+
+
+def _tiled(update: Callable[..., None], group: dict, tensorlists: list[list[Tensor]],
+           steps: list[float], **kwargs: Any) -> None:
+    """``update`` one cache-sized slice at a time (:mod:`~gradkit.optim._tiling`). Large weights
+    whose projection acts row by row (not projected, or channel-projected: decided first
+    from ``p`` and ``g``) are cut into pieces of rows."""
+    decided = decide_early(tensorlists[0], tensorlists[1], group["delta"], group["eps"])
+    for lists, (part_steps, part_decided) in tiles(tensorlists, [steps, decided],
+                                                   [d is not None for d in decided]):
+        update(*lists, part_steps, decided=part_decided, **kwargs)
 
 
 def _adamp_args(group: dict) -> dict[str, Any]:
@@ -212,9 +224,10 @@ def _single_tensor_adamp(params: list[Tensor], grads: list[Tensor], exp_avgs: li
 def _multi_tensor_adamp(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                         exp_avg_sqs: list[Tensor], steps: list[float], *, lr: float,
                         beta1: float, beta2: float, eps: float, weight_decay: float,
-                        delta: float, wd_ratio: float, nesterov: bool,
-                        maximize: bool) -> None:
-    """``steps``: the step counts after this step. The bias corrections are folded into eps
+                        delta: float, wd_ratio: float, nesterov: bool, maximize: bool,
+                        decided: list[bool | None] | None = None) -> None:
+    """``steps``: the step counts after this step; ``decided``: see
+    :func:`~gradkit.optim._projection.project_many`. The bias corrections are folded into eps
     and the step size, ``m / (sqrt(v) / c2 + eps) / c1 = (c2 / c1) m / (sqrt(v) + eps c2)``
     with ``c2 = sqrt(1 - β2^t)``, which saves one pass over ``v``."""
     if maximize:
@@ -227,7 +240,7 @@ def _multi_tensor_adamp(params: list[Tensor], grads: list[Tensor], exp_avgs: lis
     torch._foreach_add_(denoms, [eps * c for c in root_bc2])
     numerators = torch._foreach_lerp(exp_avgs, grads, 1 - beta1) if nesterov else exp_avgs
     updates = list(torch._foreach_div(numerators, denoms))
-    passed = project_many(params, grads, updates, delta, eps)
+    passed = project_many(params, grads, updates, delta, eps, decided)
     _decay_(params, passed, *_decay_factors(lr, weight_decay, wd_ratio))
     _add_steps_(params, updates, [-lr * c / (1 - beta1**s) for s, c in zip(steps, root_bc2)])
 
@@ -256,6 +269,9 @@ class _AdamPScalars(NamedTuple):
 
 def _fused_adamp(opt: torch.optim.Optimizer, group: dict, params: list[Tensor],
                  grads: list[Tensor]) -> None:
+    """:func:`_adamp_kernel` over the params (one device and dtype), once per step count, with
+    the hyperparameters as a tensor (:func:`~gradkit.optim._fused.scalars`): changing ``lr``
+    does not recompile."""
     lr, (beta1, beta2) = float(group["lr"]), group["betas"]
     plain, projected = _decay_factors(lr, group["weight_decay"], group["wd_ratio"])
     for step, idx in indices_by_value(advance_steps(opt, params)).items():
@@ -290,6 +306,8 @@ def _project_and_step(p: Tensor, g: Tensor, direction: Callable[[], Tensor], eps
 
 def _adamp_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, nesterov: bool,
                   *, rows: bool) -> None:
+    """One AdamP step of ``(N, C, D)`` tensors, in place; ``rows=False``: never projected
+    (flat pack of 1-D tensors). Compiled by :func:`~gradkit.optim._packed.apply_rows`."""
     h = fields(_AdamPScalars, s)
     g = g * h.sign
 
@@ -409,7 +427,8 @@ class SGDP(GradkitOptimizer):
 
     def _multi_tensor(self, group: dict, params: list[Tensor], grads: list[Tensor],
                       bufs: list[Tensor]) -> None:
-        _multi_tensor_sgdp(params, grads, bufs, **_sgdp_args(group))
+        _tiled(_multi_tensor_sgdp, group, [params, grads, bufs], [0.0] * len(params),
+               **_sgdp_args(group))
 
     def _fused(self, group: dict, params: list[Tensor], grads: list[Tensor],
                bufs: list[Tensor]) -> None:
@@ -443,9 +462,12 @@ def _single_tensor_sgdp(params: list[Tensor], grads: list[Tensor],
 
 
 def _multi_tensor_sgdp(params: list[Tensor], grads: list[Tensor],
-                       momentum_buffers: list[Tensor], *, lr: float, momentum: float,
-                       dampening: float, weight_decay: float, nesterov: bool, eps: float,
-                       delta: float, wd_ratio: float, maximize: bool) -> None:
+                       momentum_buffers: list[Tensor], steps: list[float], *, lr: float,
+                       momentum: float, dampening: float, weight_decay: float,
+                       nesterov: bool, eps: float, delta: float, wd_ratio: float,
+                       maximize: bool, decided: list[bool | None] | None = None) -> None:
+    """``steps``: unused (SGDP keeps no step count); ``decided``: see
+    :func:`~gradkit.optim._projection.project_many`."""
     if maximize:
         grads = list(torch._foreach_neg(grads))
     torch._foreach_mul_(momentum_buffers, momentum)
@@ -453,7 +475,7 @@ def _multi_tensor_sgdp(params: list[Tensor], grads: list[Tensor],
     # without nesterov the update IS the buffer, projected in place as in the reference
     updates = (list(torch._foreach_add(grads, momentum_buffers, alpha=momentum)) if nesterov
                else momentum_buffers)
-    passed = project_many(params, grads, updates, delta, eps)
+    passed = project_many(params, grads, updates, delta, eps, decided)
     _decay_(params, passed, *_decay_factors(lr, weight_decay, wd_ratio, 1 / (1 - momentum)))
     torch._foreach_add_(params, updates, alpha=-lr)
 
@@ -471,6 +493,7 @@ class _SGDPScalars(NamedTuple):
 
 def _fused_sgdp(opt: torch.optim.Optimizer, group: dict, params: list[Tensor],
                 grads: list[Tensor]) -> None:
+    """:func:`_sgdp_kernel` over the params (see :func:`_fused_adamp`)."""
     lr, mu = float(group["lr"]), group["momentum"]
     s = scalars(_SGDPScalars(
         -1.0 if group["maximize"] else 1.0, mu, 1 - group["dampening"], group["eps"],
@@ -481,6 +504,7 @@ def _fused_sgdp(opt: torch.optim.Optimizer, group: dict, params: list[Tensor],
 
 def _sgdp_kernel(p: Tensor, g: Tensor, buf: Tensor, s: Tensor, nesterov: bool, *,
                  rows: bool) -> None:
+    """One SGDP step of ``(N, C, D)`` tensors, in place (see :func:`_adamp_kernel`)."""
     h = fields(_SGDPScalars, s)
     g = g * h.sign
 

@@ -26,6 +26,7 @@ from gradkit.optim._base import (
 from gradkit.optim._fused import fields, scalars
 from gradkit.optim._packed import advance_steps, apply_elementwise, indices_by_value, pack_flat
 from gradkit.optim._registry import register
+from gradkit.optim._tiling import tiles
 
 __all__ = ["DiffGrad"]
 
@@ -139,10 +140,11 @@ class DiffGrad(GradkitOptimizer):
 
     def _run_packed(self, update: Callable[..., None], group: dict, params: list[Tensor],
                     grads: list[Tensor]) -> None:
-        """``update`` on the large tensors as they are, and on the small ones (below
-        :data:`PACK_BELOW` elements) packed into one flat tensor per step count: the update
-        is elementwise, so a pack is stepped exactly as its tensors would be, with a handful
-        of ops instead of a handful per tensor."""
+        """``update`` on the small tensors (below :data:`PACK_BELOW` elements) packed into
+        one flat tensor per step count, and one cache-sized slice at a time
+        (:mod:`~gradkit.optim._tiling`; large tensors cut into pieces). The update is
+        elementwise, so the regrouped tensors are stepped exactly as the originals would be,
+        with a handful of ops per pack instead of per tensor, and from cache."""
         steps = advance_steps(self, params)
         small = [i for i, p in enumerate(params) if p.numel() < PACK_BELOW]
         small = small if len(small) > 1 else []
@@ -158,7 +160,8 @@ class DiffGrad(GradkitOptimizer):
                 ts.append(t)
             step_list.append(step)
             write_backs.append(write_back)
-        update(*lists, step_list, **_diffgrad_args(group))
+        for part, (part_steps,) in tiles(lists, [step_list]):
+            update(*part, part_steps, **_diffgrad_args(group))
         for write_back in write_backs:
             write_back()
 
@@ -242,6 +245,8 @@ class _DiffGradScalars(NamedTuple):
 
 def _fused_diffgrad(opt: torch.optim.Optimizer, group: dict, params: list[Tensor],
                     grads: list[Tensor]) -> None:
+    """:func:`_diffgrad_kernel` over the params (one device and dtype), once per step count,
+    with the hyperparameters as a tensor: changing ``lr`` does not recompile."""
     a = _diffgrad_args(group)
     for step, idx in indices_by_value(advance_steps(opt, params)).items():
         s = scalars(_DiffGradScalars(
@@ -253,6 +258,8 @@ def _fused_diffgrad(opt: torch.optim.Optimizer, group: dict, params: list[Tensor
 
 def _diffgrad_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, prev: Tensor,
                      s: Tensor) -> None:
+    """One diffGrad step of flat tensors, in place (compiled by
+    :func:`~gradkit.optim._packed.apply_elementwise`)."""
     h = fields(_DiffGradScalars, s)
     g = g * h.sign + p * h.weight_decay
     m_new = m + (g - m) * h.one_minus_beta1
