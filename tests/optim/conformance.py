@@ -114,6 +114,30 @@ def _three_batch_case(cls: type, name: str, updates_every: int, smoke_lr: float)
     )
 
 
+_MUON = Case(
+    id="muon",
+    factory=Muon,
+    registry_name="muon",
+    # float64 Newton-Schulz: loop and foreach then agree to rounding (bf16 would amplify)
+    kwargs=dict(lr=2e-2, weight_decay=1e-2, adamw_weight_decay=1e-2, ns_dtype="float64"),
+    alternatives=dict(lr=5e-2, momentum=0.5, ns_steps=2, weight_decay=0.5, adamw_lr=1e-2,
+                      adamw_betas=(0.5, 0.9), adamw_eps=1e-1, adamw_weight_decay=0.5,
+                      ns_dtype="float32"),
+    state_keys=frozenset({"momentum_buffer"}),
+    invalid=(({"lr": -1.0}, "learning rate"), ({"momentum": 1.0}, "momentum"),
+             ({"ns_steps": 0}, "ns_steps"), ({"weight_decay": -1.0}, "weight_decay"),
+             ({"adamw_betas": (0.9, 1.0)}, "beta"),
+             ({"adamw_eps": -1.0}, "Invalid adamw_eps value: -1.0"),
+             ({"ns_dtype": "int8"}, "ns_dtype")),
+    smoke_kwargs=dict(lr=2e-2, ns_dtype="float64"),
+    paths=("loop", "foreach"),
+    groups=_muon_groups,
+    lr_keys=("lr", "adamw_lr"),
+    tensor_lr_refused=frozenset({"foreach"}),
+    not_applicable={"rosenbrock": _MATRICES_ONLY},
+)
+
+
 CASES: list[Case] = [
     Case(
         id="diffgrad",
@@ -167,53 +191,25 @@ CASES: list[Case] = [
         smoke_kwargs=dict(lr=1.0),
         paths=("loop", "foreach"),
     ),
-    Case(
-        id="muon",
-        factory=Muon,
-        registry_name="muon",
-        # float64 Newton-Schulz: loop and foreach then agree to rounding (bf16 would amplify)
-        kwargs=dict(lr=2e-2, weight_decay=1e-2, adamw_weight_decay=1e-2, ns_dtype="float64"),
-        alternatives=dict(lr=5e-2, momentum=0.5, ns_steps=2, weight_decay=0.5, adamw_lr=1e-2,
-                          adamw_betas=(0.5, 0.9), adamw_eps=1e-1, adamw_weight_decay=0.5,
-                          ns_dtype="float32"),
-        state_keys=frozenset({"momentum_buffer"}),
-        invalid=(({"lr": -1.0}, "learning rate"), ({"momentum": 1.0}, "momentum"),
-                 ({"ns_steps": 0}, "ns_steps"), ({"weight_decay": -1.0}, "weight_decay"),
-                 ({"adamw_betas": (0.9, 1.0)}, "beta"),
-                 ({"adamw_eps": -1.0}, "Invalid adamw_eps value: -1.0"),
-                 ({"ns_dtype": "int8"}, "ns_dtype")),
-        smoke_kwargs=dict(lr=2e-2, ns_dtype="float64"),
-        paths=("loop", "foreach"),
-        groups=_muon_groups,
-        lr_keys=("lr", "adamw_lr"),
-        tensor_lr_refused=frozenset({"foreach"}),
-        not_applicable={"rosenbrock": _MATRICES_ONLY},
-    ),
-    Case(
+    _MUON,
+    dataclasses.replace(
+        _MUON,
         id="dropmuon",
         factory=DropMuon,
         registry_name="dropmuon",
-        kwargs=dict(lr=2e-2, weight_decay=1e-2, ns_dtype="float64", probs=(1.0, 0.0), seed=0),
-        alternatives=dict(lr=5e-2, momentum=0.5, ns_steps=2, weight_decay=0.5, adamw_lr=1e-2,
-                          adamw_betas=(0.5, 0.9), adamw_eps=1e-1, adamw_weight_decay=0.5,
-                          ns_dtype="float32", probs=(0.0, 1.0), seed=With(3, {"probs": None})),
-        state_keys=frozenset({"momentum_buffer"}),
-        invalid=(({"lr": -1.0}, "learning rate"), ({"momentum": 1.0}, "momentum"),
-                 ({"probs": (0.5, 0.6)}, "probs"), ({"probs": (1.0,)}, "probs")),
-        smoke_kwargs=dict(lr=2e-2, ns_dtype="float64"),
-        paths=("loop", "foreach"),
         # the battery's groups are two layers (matrices, rest) and the cutoff is always 0 (both
         # layers step), so every check sees every parameter move; the flag check runs the
         # other probs and seeds (partial cutoffs are tested in test_drop_muon.py)
+        kwargs={**_MUON.kwargs, "probs": (1.0, 0.0), "seed": 0},
+        alternatives={**_MUON.alternatives, "probs": (0.0, 1.0),
+                      "seed": With(3, {"probs": None})},
+        invalid=(*_MUON.invalid, ({"probs": (0.5, 0.6)}, "probs"), ({"probs": (1.0,)}, "probs")),
         groups=lambda m: [{**g, "layer": i} for i, g in enumerate(_muon_groups(m))],
         kwargs_of=Muon,
-        lr_keys=("lr", "adamw_lr"),
         not_in_defaults={
             "probs": "one cutoff distribution over layers for the whole optimizer (opt.probs)",
             "seed": "seeds opt.generator, whose state is saved in state_dict",
         },
-        tensor_lr_refused=frozenset({"foreach"}),
-        not_applicable={"rosenbrock": _MATRICES_ONLY},
     ),
     Case(
         id="sam",

@@ -10,11 +10,11 @@ from torch import Tensor
 
 from gradkit._checks import check_eps, check_impl_flags, check_lr, check_non_negative
 from gradkit.optim._base import (
+    GradkitOptimizer,
     add_l2_decay,
     evaluate_closure,
     group_gradients,
     step_counter,
-    tensor_steps,
 )
 from gradkit.optim._registry import register
 
@@ -26,7 +26,7 @@ def scalar_lr(lr: float | Tensor) -> float | Tensor:
 
 
 @register("adagradnorm")
-class AdaGradNorm(torch.optim.Optimizer):
+class AdaGradNorm(GradkitOptimizer):
     r"""AdaGrad-Norm (scalar AdaGrad step size, Ward, Wu & Bottou form).
 
     .. math::
@@ -83,10 +83,12 @@ class AdaGradNorm(torch.optim.Optimizer):
             implementation (default: None).
     """
 
+    _name = "AdaGradNorm"
+
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-2,
+        lr: float | Tensor = 1e-2,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
         weight_decay: float = 0.0,
@@ -108,19 +110,12 @@ class AdaGradNorm(torch.optim.Optimizer):
                         fused=fused)
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        for group in self.param_groups:
-            group.setdefault("maximize", False)
-            group.setdefault("foreach", None)
-            group.setdefault("fused", None)
-        tensor_steps(self)
-
     @torch.no_grad()
     def step(self, closure=None):
+        # one accumulator per group: the base class's per-(device, dtype) split does not fit
         loss = evaluate_closure(closure)
         for group in self.param_groups:
-            params, grads, foreach = group_gradients("AdaGradNorm", group)
+            params, grads, foreach = group_gradients(self._name, group)
             if not params:
                 continue
             grads = add_l2_decay(grads, params, group["weight_decay"], foreach)

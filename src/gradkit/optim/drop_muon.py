@@ -175,7 +175,7 @@ class DropMuon(Muon):
     def __init__(
         self,
         params: Any,
-        lr: float = 0.02,
+        lr: float | Tensor = 0.02,
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
