@@ -133,6 +133,22 @@ def test_invalid_arguments_raise_clearly(case: Case):
         case.factory(param_groups(case, TinyNet()), **case.kwargs, fused=True, foreach=True)
 
 
+@cases("torch_messages")
+def test_invalid_values_get_torchs_own_message(case: Case):
+    """``lr`` / ``eps`` / ``weight_decay`` errors read exactly as ``torch.optim.Adam``'s."""
+    checked = 0
+    for name, value in (("lr", -1.0), ("eps", -0.1), ("weight_decay", -1.0)):
+        if name not in signature_hyperparameters(case) and name not in case.kwargs:
+            continue
+        with pytest.raises(ValueError) as torch_error:
+            torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], **{name: value})
+        with pytest.raises(ValueError) as ours:
+            case.factory(param_groups(case, TinyNet()), **{**case.kwargs, name: value})
+        assert str(ours.value) == str(torch_error.value)
+        checked += 1
+    assert checked >= 1
+
+
 @cases("lr_zero")
 def test_lr_zero_is_allowed_and_leaves_params_unchanged(case: Case):
     before = flat_params(TinyNet(torch.float64))
