@@ -116,7 +116,7 @@ class Muon(torch.optim.Optimizer):
         >>> opt = Muon([p], lr=0.02, ns_dtype="float64")
         >>> p.grad = torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64))
         >>> opt.step()
-        >>> print(f"{p[0, 0].item():.6f} {p[1, 1].item():.1f}")  # -0.02 · 0.6964
+        >>> print(f"{p[0, 0].item():.6f} {p[1, 1].item():.1f}")  # ≈ -0.02 · 0.6964
         -0.013929 0.0
 
     Args:
