@@ -34,6 +34,8 @@ from torch import Tensor
 
 # tensors with fewer elements are stacked with same-shaped ones in project_many
 STACK_BELOW = 1 << 15
+# eager row dot products of tensors with at least this many elements use einsum
+EINSUM_FROM = 1 << 16
 
 
 def project(p: Tensor, g: Tensor, u: Tensor, delta: float, wd_ratio: float,
@@ -62,8 +64,9 @@ def _norm(x: Tensor) -> Tensor:
 
 
 def _dot(x: Tensor, y: Tensor) -> Tensor:
-    """Dot products of the rows (last dim); eager: without a full-size temporary."""
-    if torch.compiler.is_compiling():
+    """Dot products of the rows (last dim); large eager tensors: without a full-size
+    temporary (``einsum``, whose Python overhead costs more than a small temporary)."""
+    if torch.compiler.is_compiling() or x.numel() < EINSUM_FROM:
         return (x * y).sum(-1)
     return torch.einsum("...d,...d->...", x, y)
 
