@@ -1,5 +1,5 @@
 """Time ``optimizer.step()`` of gradkit's DiffGrad / AdamP / SGDP against torch.optim.Adam and
-the anchor packages (pytorch_optimizer, torch_optimizer), following conventions.md §2.
+the anchor packages (pytorch_optimizer, torch_optimizer).
 
     .venv/bin/python benchmarks/optimizer_step.py            # regimes a, b, c (a few minutes)
     .venv/bin/python benchmarks/optimizer_step.py --quick    # regimes a, b; short windows
@@ -177,7 +177,7 @@ def _project_ref(p, g, u, delta=0.1, eps=1e-8):
 
 
 def reference(method: str, thetas, grads, steps):
-    """float64 trajectories from the equations of methods.md §1-2 (wd = 0, defaults)."""
+    """float64 trajectories from the optimizers' docstring equations (wd = 0, defaults)."""
     b1, b2, eps, lr = 0.9, 0.999, 1e-8, LR[method]
     out = []
     for theta, g in zip(thetas, grads):
@@ -337,14 +337,6 @@ def report(regime: str, cands: list[Candidate], numel: int) -> list[str]:
     return [*lines, "targets:", *checks]
 
 
-def native_info() -> str:
-    from gradkit.optim._native import adamp_kernels
-
-    return ("AdamP fused: large CPU weights run the native C kernel (gradkit.optim._native)"
-            if adamp_kernels() is not None else
-            "AdamP fused: native C kernel unavailable; torch.compile kernel for all weights")
-
-
 def machine_info() -> list[str]:
     cpu = platform.processor() or "?"
     try:
@@ -364,10 +356,9 @@ def machine_info() -> list[str]:
 def main() -> int:
     random.seed(ARGS.seed)
     methods = [m.strip() for m in ARGS.methods.split(",") if m.strip()]
-    print("optimizer step benchmark (conventions.md §2)")
+    print("optimizer step benchmark")
     for line in machine_info():
         print(line)
-    print(native_info())
     print(f"anchors: pytorch_optimizer {'ok' if po else 'MISSING'}, "
           f"torch_optimizer {'ok' if to else 'MISSING'}; rounds={ARGS.rounds}, "
           f"window={ARGS.window}s; ratios are median step time / baseline median "

@@ -1,4 +1,4 @@
-"""AdamP (methods.md §2): known answers, the projection, a float64 reference, paths, adamp."""
+"""AdamP (Heo et al. 2021): known answers, the projection, a float64 reference, paths, adamp."""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from gradkit.optim import AdamP, _fused
-from gradkit.optim import adamp as adamp_module
-from gradkit.optim._projection import STACK_BELOW, project, rows_view
+from gradkit.optim import AdamP
+from gradkit.optim._fused import CHUNK
+from gradkit.optim._packed import BIG_NUMEL
+from gradkit.optim._projection import STACK_BELOW, coefficients, project
+from gradkit.optim._tiling import CUT_ABOVE
 from tests.optim.conformance import assert_schedule_does_not_recompile
 
 # weight-like tensors whose gradients are made channel-wise / layer-wise orthogonal to the
@@ -19,10 +21,11 @@ KINDS = ["channel", "layer", "free", "free", "free"]
 # fused-path problems: a big tensor (own kernel call), stacked same-shaped ones, packed 1-D
 FUSED_SHAPES = [(200, 200), (4, 6), (4, 6), *SHAPES]
 FUSED_KINDS = ["channel", "channel", "layer", *KINDS]
-# eager paths: tensors above _projection.STACK_BELOW are tested from p and g before the
-# update (same-shaped ones together: the three (256, 128) ones, one of each branch); above
-# _fused.CUT_ABOVE bytes, channel-projected and unprojected ones are then stepped in pieces of
-# rows (a 1-D one in flat pieces). Beside them a stack of small ones and a small 1-D one.
+# eager paths: tensors of at least _projection.STACK_BELOW elements are tested one at a time
+# (three of one shape, one of each branch); on the foreach path, those above
+# _tiling.CUT_ABOVE bytes that are channel-projected or not projected (decided from p and g
+# first) are stepped in pieces of rows (a 1-D one in flat pieces). Beside them a stack of
+# small ones and a small 1-D one.
 BIG_SHAPES = [(256, 128), (256, 128), (256, 128), (64, 8, 8, 8), (128, 300), (600, 300),
               (700, 200), (140_000,), (330, 8, 8, 8), (4, 6), (4, 6), (6,)]
 BIG_KINDS = ["channel", "layer", "free", "layer", "free", "channel", "free", "free", "layer",
@@ -30,7 +33,7 @@ BIG_KINDS = ["channel", "layer", "free", "layer", "free", "channel", "free", "fr
 
 
 def reference_projection(p, g, u, delta, wd_ratio, eps):
-    """The channel-then-layer projection exactly as methods.md §2 states it (float64)."""
+    """The channel-then-layer projection exactly as the AdamP docstring states it (float64)."""
     if p.ndim <= 1:
         return u, 1.0
     for rows in (p.shape[0], 1):
@@ -60,7 +63,7 @@ def make_grads(thetas, kinds, gen):
 
 def reference_adamp(thetas, steps, kinds, *, lr, betas=(0.9, 0.999), eps=1e-8, wd=0.0,
                     delta=0.1, wd_ratio=0.1, nesterov=False, seed=0):
-    """AdamP from the equations of methods.md §2 (float64); gradients from make_grads."""
+    """AdamP from the equations of its docstring (float64); gradients from make_grads."""
     b1, b2 = betas
     gen = torch.Generator().manual_seed(seed)
     thetas = [t.clone() for t in thetas]
@@ -152,9 +155,15 @@ def test_delta_zero_is_adamw(path):
 
 # ---------------------------------------------------------------------------- projection
 def _project_one(p, g, u, delta=0.1, eps=1e-8):
-    """``project`` works in place on its update; give it a copy so ``u`` stays the input."""
-    new_u, ok = project(rows_view(p), rows_view(g), rows_view(u.clone()), delta**2, eps)
-    return new_u.view(p.shape), bool(ok[0])
+    """The readable projection (``_single_tensor_adamp``'s); whether it projected."""
+    new_u, ratio = project(p, g, u.clone(), delta, 0.1, eps)
+    return new_u, ratio == 0.1
+
+
+def _project_batched(ps, gs, us, delta=0.1, eps=1e-8):
+    """The branch-free projection of the foreach path and the kernels, on a stack."""
+    coef, ok = coefficients(ps, gs, us, delta**2, eps)
+    return us - ps * coef, ok
 
 
 def test_projection_channel_branch_removes_each_rows_radial_part():
@@ -215,11 +224,11 @@ def test_batched_projection_equals_one_at_a_time():
     kinds = ["channel", "layer", "free", "channel", "free"]
     gs = torch.stack(make_grads(list(ps), kinds, gen))
     us = torch.randn(5, 4, 3, generator=gen, dtype=torch.float64)
-    batched, ok = project(ps, gs, us.clone(), 0.01, 1e-8)
+    batched, ok = _project_batched(ps, gs, us)
     for i in range(5):
         one, ok_i = _project_one(ps[i], gs[i], us[i])
         assert bool(ok[i]) == ok_i == (kinds[i] != "free")
-        torch.testing.assert_close(batched[i], one, rtol=0, atol=0)
+        torch.testing.assert_close(batched[i], one, rtol=1e-12, atol=1e-14)
 
 
 # ---------------------------------------------------------------- trajectories, paths, anchors
@@ -242,7 +251,7 @@ def test_large_tensors_on_eager_paths_match_reference(path, nesterov):
     """Large weights skip the stacked branch-free projection and are not materialised unless
     projected: every branch (channel, layer, none) still follows the equations."""
     assert min(math.prod(s) for s in BIG_SHAPES[:9]) >= STACK_BELOW
-    assert min(math.prod(s) * 8 for s in BIG_SHAPES[5:9]) > _fused.CUT_ABOVE
+    assert min(math.prod(s) * 8 for s in BIG_SHAPES[5:9]) > CUT_ABOVE
     kw = dict(lr=1e-2, nesterov=nesterov)
     assert_same_trajectory(
         lambda ps: AdamP(ps, weight_decay=0.2, foreach=path == "foreach", **kw),
@@ -261,16 +270,7 @@ def test_foreach_stacks_same_shaped_tensors_and_matches_loop():
         torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-15)
 
 
-@pytest.fixture
-def compiled_kernel_only(monkeypatch):
-    """Fused AdamP without the native CPU kernel: large weights take the torch.compile one."""
-    monkeypatch.setattr(adamp_module, "adamp_kernels", lambda: None)
-
-
-@pytest.mark.parametrize("kernel", ["native where available", "torch.compile only"])
-def test_fused_matches_reference_and_lr_changes_do_not_recompile(kernel, request):
-    if kernel == "torch.compile only":
-        request.getfixturevalue("compiled_kernel_only")
+def test_fused_matches_reference_and_lr_changes_do_not_recompile():
     opt = assert_same_trajectory(
         lambda ps: AdamP(ps, lr=1e-2, weight_decay=0.1, fused=True),
         lambda *a: reference_adamp(*a, lr=1e-2, wd=0.1),
@@ -279,12 +279,12 @@ def test_fused_matches_reference_and_lr_changes_do_not_recompile(kernel, request
 
 
 @pytest.mark.slow  # compiles a second kernel variant (~20 s cold)
-def test_fused_chunked_big_tensors_match_reference(compiled_kernel_only):
+def test_fused_chunked_big_tensors_match_reference():
     """More big weights than ``_fused.CHUNK`` (channel, layer and unprojected ones, different
     sizes in one chunk): several per compiled call, the remainder one call each."""
     shapes = [(200, 200), (64, 600), (200, 200), (300, 120), (200, 200), (6,)]
     kinds = ["channel", "layer", "free", "channel", "layer", "free"]
-    assert sum(math.prod(s) >= _fused.BIG_NUMEL for s in shapes) > _fused.CHUNK
+    assert sum(math.prod(s) >= BIG_NUMEL for s in shapes) > CHUNK
     assert_same_trajectory(lambda ps: AdamP(ps, lr=1e-2, weight_decay=0.1, fused=True),
                            lambda *a: reference_adamp(*a, lr=1e-2, wd=0.1),
                            initial(torch.float32, shapes), 4, kinds, rtol=1e-5, atol=1e-6)
@@ -292,7 +292,7 @@ def test_fused_chunked_big_tensors_match_reference(compiled_kernel_only):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_fused_float64_parity_with_reference_over_100_steps(nesterov, compiled_kernel_only):
+def test_fused_float64_parity_with_reference_over_100_steps(nesterov):
     kw = dict(lr=1e-2, nesterov=nesterov)
     assert_same_trajectory(lambda ps: AdamP(ps, weight_decay=0.2, fused=True, **kw),
                            lambda *a: reference_adamp(*a, wd=0.2, **kw),

@@ -97,8 +97,10 @@ def test_state_dict_round_trip_mid_triple_and_validation():
     # 50 = 3·16 + 2: the saved buffer holds two gradients of an unfinished triple
     model, _, _ = assert_bitwise_resume(lambda: nn.Linear(3, 1),
                                         lambda m: create("m3", m.parameters(), lr=0.1), run)
-    with pytest.raises(TypeError):
-        RM3(model.parameters())  # lr is required
+    with pytest.raises(ValueError, match="required optimization parameter lr"):
+        RM3(model.parameters())  # lr is required: top-level or in every group (as torch)
+    with pytest.raises(ValueError, match="learning rate"):
+        RM3([{"params": model.parameters(), "lr": -1.0}])
     with pytest.raises(ValueError, match="weight_decay"):
         RM3(model.parameters(), lr=0.1, weight_decay=-1)
     model.weight.grad = torch.zeros(1, 3).to_sparse()

@@ -1,4 +1,4 @@
-"""diffGrad (methods.md §1): known answers, an independent float64 reference, paths, anchors."""
+"""diffGrad (Dubey et al.): known answers, an independent float64 reference, paths, anchors."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from gradkit.optim import DiffGrad, _fused
+from gradkit.optim._packed import BIG_NUMEL
+from gradkit.optim._tiling import CUT_ABOVE
 from gradkit.optim.diffgrad import PACK_BELOW
 from tests.optim.conformance import assert_schedule_does_not_recompile
 
@@ -20,7 +22,7 @@ def _sigmoid(x: float) -> float:
 
 def reference_diffgrad(thetas, grad_seq, *, lr, betas=(0.9, 0.999), eps=1e-8, wd=0.0,
                        maximize=False, legacy=False):
-    """diffGrad v2 written from the equations of methods.md §1 (float64, per tensor)."""
+    """diffGrad v2 written from the equations of its docstring (float64, per tensor)."""
     b1, b2 = betas
     thetas = [t.clone() for t in thetas]
     m = [torch.zeros_like(t) for t in thetas]
@@ -167,10 +169,10 @@ def test_packed_small_tensors_with_different_step_counts_match_unpacked(path):
 
 @pytest.mark.parametrize("path", ["loop", "foreach"])
 def test_tensors_cut_into_cache_pieces_match_reference(path):
-    """Weights above _fused.CUT_ABOVE bytes are stepped in pieces of rows (a 1-D one in flat
-    pieces); the result is still the equations'."""
+    """Weights above _tiling.CUT_ABOVE bytes are stepped in pieces of rows (a 1-D one in flat
+    pieces), beside a pack of small ones; the result is still the equations'."""
     shapes = [(600, 300), (150_000,), (3, 4), (5,)]
-    assert min(math.prod(s) * 8 for s in shapes[:2]) > _fused.CUT_ABOVE
+    assert min(math.prod(s) * 8 for s in shapes[:2]) > CUT_ABOVE
     thetas, grad_seq = _problem(5, shapes=shapes)
     expected = reference_diffgrad(thetas, grad_seq, lr=1e-2, wd=0.05)
     got, _ = _run(lambda ps: DiffGrad(ps, lr=1e-2, weight_decay=0.05,
@@ -219,7 +221,7 @@ def test_fused_chunked_big_tensors_match_reference():
     """More big tensors than ``_fused.CHUNK``: several run in one compiled call (different
     sizes in one chunk), the remainder one call each; all match the reference."""
     shapes = [(200, 200), (300, 150), (200, 200), (180, 190), (200, 200), (5,)]
-    assert sum(math.prod(s) >= _fused.BIG_NUMEL for s in shapes) > _fused.CHUNK
+    assert sum(math.prod(s) >= BIG_NUMEL for s in shapes) > _fused.CHUNK
     _assert_fused_float32_matches_reference(shapes, 4)
 
 

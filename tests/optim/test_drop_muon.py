@@ -174,3 +174,25 @@ def test_registry_create():
     model = mlp(depth=1)
     opt = create("dropmuon", model, lr=0.01)
     assert isinstance(opt, DropMuon) and opt.num_layers == 2
+
+
+def test_named_parameters_one_layer_per_module():
+    """``model.named_parameters()`` as torch accepts it: layers are the owning modules, the
+    steps equal DropMuon(model), and the names are kept in the groups and the state_dict."""
+    torch.manual_seed(4)
+    model = mlp(depth=2)
+    twin = copy.deepcopy(model)
+    named = DropMuon(model.named_parameters(), lr=0.05, seed=5)
+    plain = DropMuon(twin, lr=0.05, seed=5)
+    assert [g["layer"] for g in named.param_groups] == [g["layer"] for g in plain.param_groups]
+    assert named.param_groups[0]["param_names"] == ["0.weight"]
+    assert named.param_groups[1]["param_names"] == ["0.bias"]
+    train(model, named, 6)
+    train(twin, plain, 6)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+    saved = named.state_dict()
+    assert [n for g in saved["param_groups"] for n in g["param_names"]] == [
+        n for n, _ in model.named_parameters()]
+    again = DropMuon(copy.deepcopy(model).named_parameters(), lr=0.05)
+    again.load_state_dict(saved)

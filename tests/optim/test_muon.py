@@ -324,3 +324,36 @@ def test_muon_param_groups_split():
     net.hidden.weight.requires_grad_(False)
     assert all(p is not net.hidden.weight for g in muon_param_groups(net) for p in g["params"])
     Muon(muon_param_groups(net)).step()  # a valid split constructs and steps (no grads)
+
+
+def test_named_parameters_like_torch():
+    """named_parameters() (flat and in groups) is accepted; a 1-D tensor in a Muon group is
+    still the clear ValueError, not a crash on the (name, tensor) pair."""
+    net = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False))
+    opt = Muon(net.named_parameters(), lr=0.02)
+    assert opt.param_groups[0]["param_names"] == ["0.weight", "2.weight"]
+    with pytest.raises(ValueError, match="muon_param_groups"):
+        Muon(_net().named_parameters())
+    named = dict(_net().named_parameters())
+    groups = [{"params": [(n, p) for n, p in named.items() if p.ndim == 2]},
+              {"params": [(n, p) for n, p in named.items() if p.ndim < 2], "use_muon": False}]
+    Muon(groups).step()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_aux_adamw_is_torchs_adamw(foreach):
+    """use_muon=False groups run torch.optim.AdamW itself: bitwise the same steps."""
+    gen = torch.Generator().manual_seed(8)
+    w0 = torch.randn(7, generator=gen, dtype=torch.float64)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    ours = Muon([{"params": [a], "use_muon": False}], adamw_lr=1e-2, adamw_betas=(0.8, 0.9),
+                adamw_eps=1e-8, adamw_weight_decay=0.1, foreach=foreach, maximize=True)
+    theirs = torch.optim.AdamW([b], lr=1e-2, betas=(0.8, 0.9), eps=1e-8, weight_decay=0.1,
+                               foreach=foreach, maximize=True)
+    for _ in range(10):
+        g = torch.randn(7, generator=gen, dtype=torch.float64)
+        a.grad, b.grad = g.clone(), g.clone()
+        ours.step()
+        theirs.step()
+    assert torch.equal(a, b)
+    assert torch.equal(ours.state[a]["step"], theirs.state[b]["step"])

@@ -129,3 +129,32 @@ def test_errors():
     p[0].grad = None
     opt.step()  # grad None: skipped
     assert torch.equal(p[0].detach(), torch.zeros(2))
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_stays_finite_where_sgd_does(foreach):
+    """float16 zero gradient (a 1e-30 guard underflows to 0 in float16) and float32
+    gradients of 1e19 and more (their squared norm overflows): finite, and the direction of
+    the float64 computation."""
+    w16 = nn.Parameter(torch.arange(6, dtype=torch.float16))
+    w16.grad = torch.zeros(6, dtype=torch.float16)
+    PerpGrad([w16], base="sgd", lr=0.1, perp_foreach=foreach).step()
+    assert torch.equal(w16.detach(), torch.arange(6, dtype=torch.float16))
+    for scale in (1e19, 1e30):
+        w = torch.linspace(-1.0, 2.0, 6)
+        g = torch.linspace(0.5, 3.0, 6) * scale
+        (got,) = orthogonal_gradients([w], [g], foreach=foreach)
+        want = ref_perp(w.double(), g.double()).float()
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0.0)
+        p = nn.Parameter(w.clone())
+        p.grad = g
+        PerpGrad([p], base="sgd", lr=1e-30, perp_foreach=foreach).step()
+        assert torch.isfinite(p).all()
+    half = orthogonal_gradients([torch.ones(4, dtype=torch.float16)],
+                                [torch.tensor([1.0, -1.0, 2.0, 0.0], dtype=torch.float16)],
+                                foreach=foreach)[0]
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), ref_perp(torch.ones(4, dtype=torch.float64),
+                               torch.tensor([1.0, -1.0, 2.0, 0.0], dtype=torch.float64)).float(),
+                               rtol=1e-3, atol=1e-3)

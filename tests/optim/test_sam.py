@@ -123,3 +123,26 @@ def test_wrapper_state_dict_round_trip_and_scheduler():
     run(fresh, fresh_opt, 0, 1)
     sched.step()
     assert fresh_opt.base.param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_reference_readme_loop_with_zero_grad_flags():
+    """davda54/sam's README loop: backward, first_step(zero_grad=True), backward at w + e,
+    second_step(zero_grad=True); equal to the closure form, gradients cleared after each."""
+    A, b = quadratic(seed=3)
+    w1 = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    w2 = nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    opt1 = SAM([w1], torch.optim.SGD, lr=0.05, momentum=0.9)  # the reference's call form
+    opt2 = SAM([w2], torch.optim.SGD, lr=0.05, momentum=0.9)
+
+    def loss_at(w):
+        return 0.5 * w @ A @ w - b @ w
+
+    for _ in range(10):
+        loss_at(w1).backward()
+        opt1.first_step(zero_grad=True)
+        assert w1.grad is None
+        loss_at(w1).backward()
+        opt1.second_step(zero_grad=True)
+        assert w1.grad is None
+        opt2.step(lambda: loss_at(w2).backward())
+    assert torch.equal(w1, w2) and w1.abs().sum() > 0

@@ -1,4 +1,4 @@
-"""SGDP (methods.md §2): known answers, a float64 reference, paths, the adamp package."""
+"""SGDP (Heo et al., ICLR 2021): known answers, a float64 reference, paths, the adamp package."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ from tests.optim.test_adamp import (
 
 def reference_sgdp(thetas, steps, kinds, *, lr, momentum=0.0, dampening=0.0, wd=0.0,
                    nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1, seed=0):
-    """SGDP from methods.md §2 (float64). As in the authors' sgdp.py, without nesterov the
-    projected direction replaces the momentum buffer (their projection works in place)."""
+    """SGDP from the equations of its docstring (float64). As in the authors' sgdp.py,
+    without nesterov the projected direction replaces the momentum buffer (their projection
+    works in place)."""
     gen = torch.Generator().manual_seed(seed)
     thetas = [t.clone() for t in thetas]
     bufs = [torch.zeros_like(t) for t in thetas]

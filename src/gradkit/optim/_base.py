@@ -1,94 +1,68 @@
-"""Pieces every gradkit optimizer shares: argument validation, choosing the loop / foreach /
-fused path like torch does, collecting (param, grad) pairs, and decoupled / L2 weight decay.
+"""What every gradkit optimizer shares: the base class with its ``step`` skeleton, the choice
+of path (loop / foreach / fused) by torch's rules, and small gradient helpers.
 
-Conventions (see ``shared/specs/conventions.md`` §1): hyperparameters live in ``defaults`` and
-are read from ``group[...]`` in ``step``; ``foreach=None`` means auto, and auto is on only for
+torch.optim's conventions, kept here once: hyperparameters live in ``defaults`` and are read
+from ``group[...]`` in ``step``; ``foreach=None`` means auto, and auto is on only for
 CUDA-class devices (so the loop on CPU); ``fused`` and ``foreach`` are never both True;
-``differentiable=True`` uses the loop; sparse gradients raise ``RuntimeError``.
+sparse gradients raise ``RuntimeError``; ``p.grad`` is never modified.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from gradkit._checks import check_positive_int  # noqa: F401  (re-exported for optimizers)
+# the checks live in gradkit._checks; these names stay importable from here for optimizers
+from gradkit._checks import (  # noqa: F401
+    check_betas,
+    check_eps,
+    check_impl_flags,
+    check_in_interval,
+    check_lr,
+    check_non_negative,
+    check_positive_int,
+)
+from gradkit.optim._torch_private import default_foreach
 
 Impl = Literal["loop", "foreach", "fused"]
 
 
-# ---------------------------------------------------------------------------- validation
-def _as_float(value: float | Tensor, name: str) -> float:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
-        return float(value.item())
-    return float(value)
-
-
-def check_lr(lr: float | Tensor) -> None:
-    value = _as_float(lr, "lr")
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise ValueError(f"Invalid learning rate: {lr}")
-
-
-def check_eps(eps: float, name: str = "eps") -> None:
-    if not (eps >= 0.0 and math.isfinite(eps)):
-        raise ValueError(f"Invalid epsilon value: {name}={eps}")
-
-
-def check_betas(betas: Sequence[float]) -> None:
-    if len(betas) != 2:
-        raise ValueError(f"Invalid betas: expected a pair, got {betas!r}")
-    for index, beta in enumerate(betas):
-        beta = _as_float(beta, f"betas[{index}]")
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta parameter at index {index}: {betas[index]}")
-
-
-def check_non_negative(name: str, value: float) -> None:
-    if not (value >= 0.0 and math.isfinite(value)):
-        raise ValueError(f"Invalid {name} value: {value}")
-
-
-def check_in_interval(name: str, value: float, low: float, high: float, *,
-                      closed_high: bool = False) -> None:
-    """``low <= value < high`` (``<= high`` when ``closed_high``), else ValueError naming it."""
-    ok = low <= value <= high if closed_high else low <= value < high
-    if not ok:
-        bracket = "]" if closed_high else ")"
-        raise ValueError(f"Invalid {name} value: {value} (must be in [{low}, {high}{bracket})")
-
-
-def check_impl_flags(foreach: bool | None, fused: bool | None, differentiable: bool) -> None:
-    """The flag combinations torch refuses in ``__init__``."""
-    if fused and foreach:
-        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
-    if fused and differentiable:
-        raise RuntimeError("`fused` does not support `differentiable`")
-    if foreach and differentiable:
-        raise RuntimeError("`foreach` does not support `differentiable`; use foreach=False")
-
-
-# ------------------------------------------------------------------------ path selection
 def resolve_impl(params: Sequence[Tensor], foreach: bool | None, fused: bool | None,
-                 differentiable: bool) -> Impl:
-    """Pick the execution path for one param group, with torch's auto rules."""
+                 differentiable: bool = False) -> Impl:
+    """The execution path for one param group, with torch's auto rules."""
     if fused:
         return "fused"
     if foreach is None:
-        _, foreach = _default_to_fused_or_foreach(list(params), differentiable, use_fused=False)
+        foreach = default_foreach(params, differentiable)
     return "foreach" if foreach and not differentiable else "loop"
 
 
-def group_by_device_and_dtype(tensorlists: list[list[Tensor]]):
-    """``{(device, dtype): (tensorlists, indices)}`` as ``torch.optim`` groups for foreach."""
-    return torch.optim.Optimizer._group_tensors_by_device_and_dtype(tensorlists)
+def by_device_and_dtype(params: Sequence[Tensor]) -> list[list[int]]:
+    """Indices of ``params`` grouped by (device, dtype), as foreach ops want them."""
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.device, p.dtype), []).append(i)
+    return list(groups.values())
+
+
+def tensor_steps(optimizer: torch.optim.Optimizer) -> None:
+    """Turn ``state['step']`` values that are Python numbers (as other packages save them)
+    into float32 CPU scalar tensors, as ``torch.optim.Adam.__setstate__`` does on load."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state and not torch.is_tensor(state["step"]):
+                state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+
+
+def step_counter(state: dict, param: Tensor) -> Tensor:
+    """The float32 scalar ``state['step']`` tensor (on CPU, as torch keeps it)."""
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+    return state["step"]
 
 
 # ---------------------------------------------------------------------------- gradients
@@ -132,41 +106,18 @@ def add_l2_decay(grads: list[Tensor], params: list[Tensor], weight_decay: float,
     return [g.add(p, alpha=weight_decay) for g, p in zip(grads, params)]
 
 
-def scale_(params: list[Tensor], factor: float, foreach: bool) -> None:
-    """``p <- p * factor`` in place for every param (nothing when ``factor == 1``)."""
-    if factor == 1.0 or not params:
+def apply_decoupled_decay(params: list[Tensor], lr: float, weight_decay: float,
+                          foreach: bool) -> None:
+    """AdamW-style ``p <- p * (1 - lr * wd)`` in place."""
+    if weight_decay == 0 or lr == 0 or not params:
         return
     if foreach:
-        torch._foreach_mul_(params, factor)
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     else:
         for p in params:
-            p.mul_(factor)
+            p.mul_(1.0 - lr * weight_decay)
 
 
-def apply_decoupled_decay(params: list[Tensor], lr: float, weight_decay: float,
-                          foreach: bool, ratios: Sequence[float] | None = None) -> None:
-    """AdamW-style ``p <- p * (1 - lr * wd * ratio)`` in place (``ratio`` defaults to 1)."""
-    if weight_decay == 0 or lr == 0:
-        return
-    if ratios is None:
-        scale_(params, 1.0 - lr * weight_decay, foreach)
-        return
-    factors = [1.0 - lr * weight_decay * r for r in ratios]
-    if foreach:
-        torch._foreach_mul_(params, factors)
-    else:
-        for p, f in zip(params, factors):
-            p.mul_(f)
-
-
-def step_counter(state: dict, param: Tensor) -> Tensor:
-    """The float32 scalar ``state['step']`` tensor (on CPU, as torch keeps it)."""
-    if "step" not in state:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-    return state["step"]
-
-
-# ----------------------------------------------------------------------- step helpers
 def evaluate_closure(closure) -> object:
     """The loss from ``closure()`` called under ``torch.enable_grad()`` (None if no closure)."""
     if closure is None:
@@ -182,7 +133,57 @@ def group_gradients(optimizer_name: str, group: dict, *, foreach_key: str = "for
     params, grads = params_with_grad(optimizer_name, group)
     if not params:
         return params, grads, False
-    foreach = resolve_impl(params, group[foreach_key], None, False) == "foreach"
+    foreach = resolve_impl(params, group[foreach_key], None) == "foreach"
     if negate:
         grads = maybe_negate(grads, group["maximize"], foreach)
     return params, grads, foreach
+
+
+# --------------------------------------------------------------------------- base class
+class GradkitOptimizer(torch.optim.Optimizer):
+    """``step`` skeleton of the gradkit optimizers with loop / foreach / fused paths.
+
+    Subclasses set ``_name`` and implement ``_init_group(params)``, which creates missing
+    state lazily and returns the state tensor lists (parallel to ``params``), and
+    ``_single_tensor`` / ``_multi_tensor`` / ``_fused``, each called as
+    ``(group, params, grads, *state_lists)`` -- foreach and fused once per (device, dtype).
+    The closure runs under ``torch.enable_grad()``; params whose grad is None are skipped
+    (their state is created when a grad first appears); sparse grads raise ``RuntimeError``.
+    """
+
+    _name = "Optimizer"
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("fused", None)
+        tensor_steps(self)
+
+    def _init_group(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
+        raise NotImplementedError
+
+    def _single_tensor(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                       *state: list[Tensor]) -> None:
+        raise NotImplementedError
+
+    _multi_tensor = _fused = _single_tensor
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], object] | None = None) -> object:
+        """Perform one optimisation step; ``closure`` re-evaluates and returns the loss."""
+        loss = evaluate_closure(closure)
+        for group in self.param_groups:
+            params, grads = params_with_grad(self._name, group)
+            if not params:
+                continue
+            state_lists = self._init_group(params)
+            impl = resolve_impl(params, group["foreach"], group["fused"])
+            if impl == "loop":
+                self._single_tensor(group, params, grads, *state_lists)
+                continue
+            run = self._fused if impl == "fused" else self._multi_tensor
+            for idx in by_device_and_dtype(params):
+                run(group, *([ts[i] for i in idx] for ts in (params, grads, *state_lists)))
+        return loss

@@ -68,6 +68,11 @@ class WrapperOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.base.load_state_dict(state_dict)
         self._link()
+        # a checkpoint from before one of our options existed: its default (torch's
+        # __setstate__ + setdefault convention; the base optimizer does the same for its own)
+        for group in self.param_groups:
+            for key, value in self._own_defaults.items():
+                group.setdefault(key, value)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch's __getstate__ keeps only defaults/state/param_groups; keep ``base`` too so

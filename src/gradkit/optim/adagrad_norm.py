@@ -6,13 +6,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch import Tensor
 
+from gradkit._checks import check_eps, check_impl_flags, check_lr, check_non_negative
 from gradkit.optim._base import (
+    GradkitOptimizer,
     add_l2_decay,
-    check_eps,
-    check_impl_flags,
-    check_lr,
-    check_non_negative,
     evaluate_closure,
     group_gradients,
     step_counter,
@@ -20,8 +19,14 @@ from gradkit.optim._base import (
 from gradkit.optim._registry import register
 
 
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """A 1-element Tensor lr of any shape as a 0-d tensor (torch squeezes it the same way in
+    ``step``), so it broadcasts like a number; floats pass through."""
+    return lr.squeeze() if isinstance(lr, Tensor) and lr.dim() != 0 else lr
+
+
 @register("adagradnorm")
-class AdaGradNorm(torch.optim.Optimizer):
+class AdaGradNorm(GradkitOptimizer):
     r"""AdaGrad-Norm (scalar AdaGrad step size, Ward, Wu & Bottou form).
 
     .. math::
@@ -50,21 +55,40 @@ class AdaGradNorm(torch.optim.Optimizer):
     had a gradient. b² never decreases, so the group's current b² is the largest stored copy;
     parameters whose gradient is None are skipped and keep their stale copy.
 
+    Example (the first step has length α along ``-g/||g||``)::
+
+        >>> import torch
+        >>> from gradkit.optim import AdaGradNorm
+        >>> x = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+        >>> opt = AdaGradNorm([x], lr=1.0)
+        >>> x.grad = torch.tensor([3.0, 4.0])
+        >>> opt.step()  # b_1 = ||g|| = 5, x <- x - g / 5
+        >>> x.detach()
+        tensor([0.4000, 1.2000])
+        >>> opt.state[x]["sum"].item()
+        25.0
+
     Args:
-        params: parameters or parameter groups.
-        lr: α (default 1e-2, torch Adagrad's default).
-        initial_accumulator_value: b_0² (default 0).
-        eps: added to b (default 1e-10, as torch Adagrad).
-        weight_decay: L2 penalty added to the gradient (default 0).
-        maximize: maximise the objective.
-        foreach: use ``torch._foreach_*`` (None: torch's auto rule).
-        fused: accepted for API compatibility; ``True`` raises (no fused kernel).
+        params: iterable of parameters or named_parameters to optimize, or dicts defining
+            parameter groups.
+        lr (float, Tensor, optional): step size :math:`\alpha`; a float or a 1-element
+            Tensor (default: 1e-2, torch Adagrad's).
+        initial_accumulator_value: :math:`b_0^2` (default: 0).
+        eps: term :math:`\epsilon` added to :math:`b` (default: 1e-10, as torch Adagrad).
+        weight_decay: L2 penalty :math:`\lambda`, added to the gradient (default: 0).
+        maximize: maximize the objective instead of minimizing (default: False).
+        foreach: use the ``torch._foreach_*`` implementation; None picks it on CUDA-class
+            devices only, as torch does (default: None).
+        fused: accepted for torch's signature; True raises, there is no fused
+            implementation (default: None).
     """
+
+    _name = "AdaGradNorm"
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-2,
+        lr: float | Tensor = 1e-2,
         initial_accumulator_value: float = 0.0,
         eps: float = 1e-10,
         weight_decay: float = 0.0,
@@ -88,9 +112,10 @@ class AdaGradNorm(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        # one accumulator per group: the base class's per-(device, dtype) split does not fit
         loss = evaluate_closure(closure)
         for group in self.param_groups:
-            params, grads, foreach = group_gradients("AdaGradNorm", group)
+            params, grads, foreach = group_gradients(self._name, group)
             if not params:
                 continue
             grads = add_l2_decay(grads, params, group["weight_decay"], foreach)
@@ -115,7 +140,7 @@ class AdaGradNorm(torch.optim.Optimizer):
             accumulator = previous + squared.square().sum()
             for t in sums:
                 t.copy_(accumulator)
-            coef = group["lr"] / (accumulator.sqrt() + group["eps"])
+            coef = scalar_lr(group["lr"]) / (accumulator.sqrt() + group["eps"])
             if foreach:
                 torch._foreach_sub_(params, torch._foreach_mul(grads, coef))
             else:

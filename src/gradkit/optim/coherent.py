@@ -12,17 +12,19 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import required
 
+from gradkit._checks import check_lr, check_non_negative
 from gradkit.autodiff.per_example import per_example_grads
 from gradkit.optim._base import (
     add_l2_decay,
-    check_lr,
-    check_non_negative,
     evaluate_closure,
     group_gradients,
     step_counter,
+    tensor_steps,
 )
 from gradkit.optim._registry import register
+from gradkit.optim.adagrad_norm import scalar_lr
 
 _BUFFER = 3
 
@@ -61,12 +63,26 @@ class _ThreeBatchGD(torch.optim.Optimizer):
     _running = False
     _aggregate = staticmethod(median_of_three)
 
-    def __init__(self, params: Iterable[Any], lr: float, weight_decay: float = 0.0, *,
-                 maximize: bool = False, foreach: bool | None = None) -> None:
-        check_lr(lr)
+    def __init__(self, params: Iterable[Any], lr: float | Tensor = required,
+                 weight_decay: float = 0.0, *, maximize: bool = False,
+                 foreach: bool | None = None) -> None:
+        if lr is not required:
+            check_lr(lr)
         check_non_negative("weight_decay", weight_decay)
         defaults = dict(lr=lr, weight_decay=weight_decay, maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # torch raises for a group without lr when there is no top-level lr (``required``)
+        super().add_param_group(param_group)
+        check_lr(self.param_groups[-1]["lr"])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+        tensor_steps(self)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -94,11 +110,12 @@ class _ThreeBatchGD(torch.optim.Optimizer):
                         slot.append(row)
             if ready_params:
                 direction = self._aggregate(*slots, foreach=foreach)
+                lr = scalar_lr(group["lr"])
                 if foreach:
-                    torch._foreach_add_(ready_params, direction, alpha=-group["lr"])
+                    torch._foreach_add_(ready_params, direction, alpha=-lr)
                 else:
                     for p, d in zip(ready_params, direction):
-                        p.add_(d, alpha=-group["lr"])
+                        p.add_(d, alpha=-lr)
         return loss
 
 
@@ -117,15 +134,37 @@ _DOC_COMMON = r"""
     ``m3.py`` / ``ra3.py`` read an undefined attribute (``self.RINGBUFFER_SIZE``) and fail at
     their first step; that bug is not reproduced — they behave as intended here.
 
+    Example (gradients 1, 8, 3, 4 in turn: M3 steps on the median of the first triple, 3;
+    RA3 on its mean, 4; RM3 on the running median, 3 and then median(4, 8, 3) = 4)::
+
+        >>> import torch
+        >>> from gradkit.optim import M3, RA3, RM3
+        >>> for cls in (M3, RM3, RA3):
+        ...     x = torch.nn.Parameter(torch.zeros(1))
+        ...     opt = cls([x], lr=1.0)
+        ...     path = []
+        ...     for g in (1.0, 8.0, 3.0, 4.0):
+        ...         x.grad = torch.tensor([g])
+        ...         opt.step()
+        ...         path.append(x.item())
+        ...     print(cls.__name__, path)
+        M3 [0.0, 0.0, -3.0, -3.0]
+        RM3 [0.0, 0.0, -3.0, -7.0]
+        RA3 [0.0, 0.0, -4.0, -4.0]
+
     State: ``grad_buffer`` (3 × the parameter, slot ``(t−1) mod 3`` holds ``g_t``) and
     ``step``. Each step's gradient must be a fresh mini-batch gradient.
 
     Args:
-        params: parameters or parameter groups.
-        lr: learning rate (required).
-        weight_decay: L2 penalty added to each gradient before buffering (default 0).
-        maximize: maximise the objective.
-        foreach: use ``torch._foreach_*`` (None: torch's auto rule).
+        params: iterable of parameters or named_parameters to optimize, or dicts defining
+            parameter groups.
+        lr (float, Tensor): learning rate :math:`\gamma`; required, at the top level or in
+            every parameter group.
+        weight_decay: L2 penalty :math:`\lambda`, added to each gradient before it is
+            buffered (default: 0).
+        maximize: maximize the objective instead of minimizing (default: False).
+        foreach: use the ``torch._foreach_*`` implementation; None picks it on CUDA-class
+            devices only, as torch does (default: None).
 """
 
 
@@ -140,6 +179,7 @@ class M3(_ThreeBatchGD):
                 - \gamma\,\mathrm{median}(h_{t-2}, h_{t-1}, h_t)
                 \quad (\text{else } \theta_t = \theta_{t-1})
         \end{aligned}
+
     """ + _DOC_COMMON
 
     _name = "M3"
@@ -157,6 +197,7 @@ class RM3(_ThreeBatchGD):
         \end{aligned}
 
     The sequence is median(g1, g2, g3) at step 3, median(g4, g2, g3) at step 4, ...
+
     """ + _DOC_COMMON
 
     _name = "RM3"
@@ -175,6 +216,7 @@ class RA3(_ThreeBatchGD):
 
     Choice: the reference ``ra3.py`` shares ``m3.py``'s structure, so RA3 updates on disjoint
     triples like M3 (a plain SGD with 3× batch and 1/3 of the steps).
+
     """ + _DOC_COMMON
 
     _name = "RA3"

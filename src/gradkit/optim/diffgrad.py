@@ -1,37 +1,42 @@
-"""diffGrad (Dubey et al., 2019): Adam whose step is damped where the gradient barely changes."""
+"""diffGrad (Dubey et al., 2019): Adam whose step is damped where the gradient barely changes.
+
+As in ``torch/optim/adam.py``: a thin class and one function per path --
+``_single_tensor_diffgrad`` (the readable reference), ``_multi_tensor_diffgrad``
+(``torch._foreach_*``) and ``_fused_diffgrad`` (a ``torch.compile``'d kernel).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from gradkit.optim import _fused
 from gradkit.optim._base import (
-    add_l2_decay,
+    GradkitOptimizer,
     check_betas,
     check_eps,
     check_impl_flags,
     check_lr,
     check_non_negative,
-    maybe_negate,
     step_counter,
 )
-from gradkit.optim._moments import init_adam_state, update_adam_moments
+from gradkit.optim._fused import fields, scalars
+from gradkit.optim._packed import advance_steps, apply_elementwise, indices_by_value, pack_flat
 from gradkit.optim._registry import register
+from gradkit.optim._tiling import tiles
 
 __all__ = ["DiffGrad"]
 
-# the loop and foreach paths update tensors smaller than this packed together (see _eager)
+# the loop and foreach paths update tensors smaller than this packed together (_run_packed)
 PACK_BELOW = 1 << 14
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "previous_grad")
 
 
 @register("diffgrad")
-class DiffGrad(_fused.MultiPathOptimizer):
+class DiffGrad(GradkitOptimizer):
     r"""diffGrad, version 2 of the authors' code (the version their README recommends).
 
     .. math::
@@ -52,6 +57,21 @@ class DiffGrad(_fused.MultiPathOptimizer):
                 - \alpha_t \, \xi_t \odot m_t / (\sqrt{v_t} + \epsilon)
         \end{aligned}
 
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr: learning rate :math:`\gamma` (default: 1e-3).
+        betas: coefficients :math:`(\beta_1, \beta_2)` of the running averages of the
+            gradient and its square (default: (0.9, 0.999)).
+        eps: term :math:`\epsilon` added to the denominator (default: 1e-8).
+        weight_decay: L2 penalty :math:`\lambda`, added to the gradient (default: 0).
+        legacy_alias_bug: reproduce the original ``diffGrad.py`` as it behaved with gradients
+            accumulated in place: :math:`\xi \equiv 0.5` from step 2 on (default: False).
+        maximize: maximize the objective instead of minimizing (default: False).
+        foreach: use the ``torch._foreach_*`` implementation; None picks it on CUDA-class
+            devices only, as torch does (default: None).
+        fused: use the ``torch.compile``'d implementation; it does not recompile when a
+            scheduler changes ``lr`` (default: None).
+
     Paper: S. R. Dubey et al., "diffGrad: An Optimization Method for Convolutional Neural
     Networks", IEEE TNNLS 2019. Matches ``diffGrad_v2.py`` of shivram1987/diffGrad
     (commit 93fb7fc): L2-style decay folded into the gradient; ``g_prev`` is the
@@ -59,15 +79,24 @@ class DiffGrad(_fused.MultiPathOptimizer):
     ``eps`` is added to :math:`\sqrt{v_t}` with the bias corrections folded into the step size;
     :math:`\xi` scales only the step (the stored :math:`m_t` is not multiplied by it).
 
-    Choices: ``legacy_alias_bug=True`` reproduces the original ``diffGrad.py`` as it behaved
-    with gradients accumulated in place (``previous_grad`` aliased ``p.grad``): from step 2 on
-    :math:`\xi \equiv 0.5`, i.e. Adam at half the step. ``p.grad`` is never modified (the
-    reference adds the decay into it in place). ``fused=True`` runs a ``torch.compile``'d
-    kernel (compiled once; hyperparameters passed as tensors, so lr schedules do not
-    recompile).
-
+    Choices: the original ``diffGrad.py`` stored ``previous_grad`` as an alias of ``p.grad``;
+    with gradients zeroed and accumulated in place its friction was 0.5 from step 2 on (Adam at
+    half the step), with ``zero_grad(set_to_none=True)`` it was v2. gradkit follows v2 and
+    offers ``legacy_alias_bug=True`` for the other. ``p.grad`` is never modified (the
+    reference adds the decay into it in place).
     State per parameter: ``step`` (float32 CPU scalar tensor), ``exp_avg``, ``exp_avg_sq``,
     ``previous_grad``.
+
+    Example (first step from zero state: :math:`\xi_1 = \operatorname{sigmoid}(1)`)::
+
+        >>> import torch
+        >>> from gradkit.optim import DiffGrad
+        >>> theta = torch.nn.Parameter(torch.zeros(1))
+        >>> opt = DiffGrad([theta], lr=1e-3)
+        >>> theta.grad = torch.ones(1)
+        >>> opt.step()
+        >>> print(f"{theta.item():.4e}")
+        -7.3106e-04
     """
 
     _name = "DiffGrad"
@@ -92,133 +121,152 @@ class DiffGrad(_fused.MultiPathOptimizer):
         for group in self.param_groups:
             group.setdefault("legacy_alias_bug", False)
 
-    def _init_state(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
-        steps, exp_avgs, exp_avg_sqs, prevs = [], [], [], []
+    def _init_group(self, params: list[Tensor]) -> tuple[list[Tensor], ...]:
+        steps = [step_counter(self.state[p], p) for p in params]
         for p in params:
             state = self.state[p]
-            step_counter(state, p)
-            init_adam_state(state, p)
-            if "previous_grad" not in state:
-                state["previous_grad"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            steps.append(state["step"])
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            prevs.append(state["previous_grad"])
-        return steps, exp_avgs, exp_avg_sqs, prevs
+            for key in _STATE_KEYS:
+                if key not in state:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return steps, *([self.state[p][k] for p in params] for k in _STATE_KEYS)
 
-    def _loop(self, group: dict, params: list[Tensor], grads: list[Tensor], _steps,
-              *lists: list[Tensor]) -> None:
-        self._eager(group, params, grads, lists, _diffgrad_loop)
+    def _single_tensor(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                       *state: list[Tensor]) -> None:
+        self._run_packed(_single_tensor_diffgrad, group, params, grads)
 
-    def _foreach(self, group: dict, params: list[Tensor], grads: list[Tensor], _steps,
-                 *lists: list[Tensor]) -> None:
-        self._eager(group, params, grads, lists, _diffgrad_foreach)
+    def _multi_tensor(self, group: dict, params: list[Tensor], grads: list[Tensor],
+                      *state: list[Tensor]) -> None:
+        self._run_packed(_multi_tensor_diffgrad, group, params, grads)
 
-    def _eager(self, group: dict, params: list[Tensor], grads: list[Tensor],
-               lists: tuple[list[Tensor], ...], update: Callable[..., None]) -> None:
-        """Run ``update`` (loop or foreach body) on cache-sized pieces. The update is
-        elementwise, so it may regroup elements freely: tensors below :data:`PACK_BELOW`
-        elements are packed into one flat tensor per step count (fewer, larger ops), large
-        ones are cut into flat pieces that stay in cache for all ops of the step
-        (:func:`~gradkit.optim._fused.cut_into_pieces`)."""
-        step_values = _fused.advance_packed_steps(self, params)
+    def _run_packed(self, update: Callable[..., None], group: dict, params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+        """``update`` on the small tensors (below :data:`PACK_BELOW` elements) packed into
+        one flat tensor per step count, and one cache-sized slice at a time
+        (:mod:`~gradkit.optim._tiling`; large tensors cut into pieces). The update is
+        elementwise, so the regrouped tensors are stepped exactly as the originals would be,
+        with a handful of ops per pack instead of per tensor, and from cache."""
+        steps = advance_steps(self, params)
         small = [i for i, p in enumerate(params) if p.numel() < PACK_BELOW]
-        if len(small) < 2:
-            small = []
-        taken = set(small)
-        rest = [i for i in range(len(params)) if i not in taken]
-        ps, gs = [params[i] for i in rest], [grads[i] for i in rest]
-        states = [[state[i] for i in rest] for state in lists]
-        steps = [step_values[i] for i in rest]
+        small = small if len(small) > 1 else []
+        rest = sorted(set(range(len(params))) - set(small))
+        lists = [[ts[i] for i in rest] for ts in
+                 (params, grads, *([self.state[p][k] for p in params] for k in _STATE_KEYS))]
+        step_list = [steps[i] for i in rest]
         write_backs = []
-        for step, positions in _fused.indices_by_value([step_values[i] for i in small]).items():
-            p_flat, g_flat, bufs, write_back = _fused.pack_flat(
+        for step, positions in indices_by_value([steps[i] for i in small]).items():
+            p_flat, g_flat, bufs, write_back = pack_flat(
                 self, params, grads, _STATE_KEYS, [small[j] for j in positions])
-            ps.append(p_flat)
-            gs.append(g_flat)
-            for state, buf in zip(states, bufs):
-                state.append(buf)
-            steps.append(step)
+            for ts, t in zip(lists, (p_flat, g_flat, *bufs)):
+                ts.append(t)
+            step_list.append(step)
             write_backs.append(write_back)
-        lists, steps, _ = _fused.cut_into_pieces([ps, gs, *states], steps)
-        for part in _fused.cache_slices(lists[0], _fused.PIECE_BYTES):
-            update(group, *(ts[part] for ts in lists[:2]), steps[part],
-                   *(ts[part] for ts in lists[2:]))
+        for part, (part_steps,) in tiles(lists, [step_list]):
+            update(*part, part_steps, **_diffgrad_args(group))
         for write_back in write_backs:
             write_back()
 
     def _fused(self, group: dict, params: list[Tensor], grads: list[Tensor],
-               *state_lists: list[Tensor]) -> None:
-        lr, beta1, beta2, eps, wd = _hyper(group)
-        kernel = _fused.compiled(_diffgrad_kernel)
-        sign = -1.0 if group["maximize"] else 1.0
-        step_values = _fused.advance_packed_steps(self, params)
-        for step, idx in _fused.indices_by_value(step_values).items():
-            keep = 0.0 if group["legacy_alias_bug"] and step > 1 else 1.0
-            s = _fused.scalars((sign, wd, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-                                -_step_size(lr, beta1, beta2, step), keep), params[0])
-            _fused.apply_elementwise(self, kernel, params, grads, _STATE_KEYS, s, indices=idx)
+               *state: list[Tensor]) -> None:
+        _fused_diffgrad(self, group, params, grads)
 
 
-def _hyper(group: dict) -> tuple[float, float, float, float, float]:
+def _diffgrad_args(group: dict) -> dict[str, Any]:
     beta1, beta2 = group["betas"]
-    return float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"]
+    return dict(lr=float(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], legacy_alias_bug=group["legacy_alias_bug"],
+                maximize=group["maximize"])
 
 
 def _step_size(lr: float, beta1: float, beta2: float, step: float) -> float:
-    return lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    """:math:`\\alpha_t = \\gamma \\sqrt{1 - \\beta_2^t} / (1 - \\beta_1^t)`."""
+    return lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
 
 
-def _diffgrad_loop(group: dict, params: list[Tensor], grads: list[Tensor],
-                   step_values: list[float], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                   prevs: list[Tensor]) -> None:
-    lr, beta1, beta2, eps, wd = _hyper(group)
-    maximize, legacy = group["maximize"], group["legacy_alias_bug"]
-    for p, g, step, m, v, prev in zip(params, grads, step_values, exp_avgs, exp_avg_sqs, prevs):
-        if maximize:
-            g = torch.neg(g)
-        if wd != 0:
-            g = g.add(p, alpha=wd)
-        m.lerp_(g, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        if legacy and step > 1:
-            prev.copy_(g)
-        xi_m = prev.sub_(g).abs_().sigmoid_().mul_(m)  # ξ ⊙ m, in the g_prev buffer
-        p.addcdiv_(xi_m, v.sqrt().add_(eps), value=-_step_size(lr, beta1, beta2, step))
-        prev.copy_(g)
+def _single_tensor_diffgrad(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                            exp_avg_sqs: list[Tensor], previous_grads: list[Tensor],
+                            steps: list[float], *, lr: float, beta1: float, beta2: float,
+                            eps: float, weight_decay: float, legacy_alias_bug: bool,
+                            maximize: bool) -> None:
+    """``steps``: each tensor's step count ``t`` after this step (as for every path)."""
+    for i, param in enumerate(params):
+        grad = -grads[i] if maximize else grads[i]
+        exp_avg, exp_avg_sq, previous_grad = exp_avgs[i], exp_avg_sqs[i], previous_grads[i]
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if legacy_alias_bug and steps[i] > 1:
+            previous_grad.copy_(grad)  # the aliased buffer equals the gradient: ξ = 0.5
+        friction = torch.sigmoid((previous_grad - grad).abs())
+        previous_grad.copy_(grad)
+        denom = exp_avg_sq.sqrt().add_(eps)
+        param.addcdiv_(friction * exp_avg, denom,
+                       value=-_step_size(lr, beta1, beta2, steps[i]))
 
 
-def _diffgrad_foreach(group: dict, params: list[Tensor], grads: list[Tensor],
-                      step_values: list[float], exp_avgs: list[Tensor],
-                      exp_avg_sqs: list[Tensor], prevs: list[Tensor]) -> None:
-    lr, beta1, beta2, eps, wd = _hyper(group)
-    grads = maybe_negate(grads, group["maximize"], True)
-    grads = add_l2_decay(grads, params, wd, True)
-    update_adam_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2, True)
-    if group["legacy_alias_bug"]:
-        later = [i for i, s in enumerate(step_values) if s > 1]
+def _multi_tensor_diffgrad(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                           exp_avg_sqs: list[Tensor], previous_grads: list[Tensor],
+                           steps: list[float], *, lr: float, beta1: float, beta2: float,
+                           eps: float, weight_decay: float, legacy_alias_bug: bool,
+                           maximize: bool) -> None:
+    if maximize:
+        grads = list(torch._foreach_neg(grads))
+    if weight_decay != 0:
+        grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    if legacy_alias_bug:
+        later = [i for i, s in enumerate(steps) if s > 1]
         if later:
-            torch._foreach_copy_([prevs[i] for i in later], [grads[i] for i in later])
-    torch._foreach_sub_(prevs, grads)
-    torch._foreach_abs_(prevs)
-    torch._foreach_sigmoid_(prevs)
-    torch._foreach_mul_(prevs, exp_avgs)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, eps)
-    neg_sizes = [-_step_size(lr, beta1, beta2, s) for s in step_values]
-    torch._foreach_addcdiv_(params, prevs, denom, neg_sizes)
-    torch._foreach_copy_(prevs, grads)
+            torch._foreach_copy_([previous_grads[i] for i in later], [grads[i] for i in later])
+    # ξ ⊙ m, computed in the previous-gradient buffers, which then take the new gradient
+    torch._foreach_sub_(previous_grads, grads)
+    torch._foreach_abs_(previous_grads)
+    torch._foreach_sigmoid_(previous_grads)
+    torch._foreach_mul_(previous_grads, exp_avgs)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(params, previous_grads, denoms,
+                            [-_step_size(lr, beta1, beta2, s) for s in steps])
+    torch._foreach_copy_(previous_grads, grads)
+
+
+class _DiffGradScalars(NamedTuple):
+    sign: float  # -1 when maximizing
+    weight_decay: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    eps: float
+    neg_step: float  # -α_t
+    keep_previous: float  # 0 for legacy_alias_bug after step 1 (ξ = 0.5), else 1
+
+
+def _fused_diffgrad(opt: torch.optim.Optimizer, group: dict, params: list[Tensor],
+                    grads: list[Tensor]) -> None:
+    """:func:`_diffgrad_kernel` over the params (one device and dtype), once per step count,
+    with the hyperparameters as a tensor: changing ``lr`` does not recompile."""
+    a = _diffgrad_args(group)
+    for step, idx in indices_by_value(advance_steps(opt, params)).items():
+        s = scalars(_DiffGradScalars(
+            -1.0 if a["maximize"] else 1.0, a["weight_decay"], 1 - a["beta1"], a["beta2"],
+            1 - a["beta2"], a["eps"], -_step_size(a["lr"], a["beta1"], a["beta2"], step),
+            0.0 if a["legacy_alias_bug"] and step > 1 else 1.0), params[0])
+        apply_elementwise(opt, _diffgrad_kernel, params, grads, _STATE_KEYS, s, indices=idx)
 
 
 def _diffgrad_kernel(p: Tensor, g: Tensor, m: Tensor, v: Tensor, prev: Tensor,
                      s: Tensor) -> None:
-    """One fused diffGrad update; ``s`` = (sign, wd, 1-β1, β2, 1-β2, eps, -α_t, keep_prev)."""
-    g = g * s[0] + p * s[1]
-    m_new = m + (g - m) * s[2]
-    v_new = v * s[3] + g * g * s[4]
+    """One diffGrad step of flat tensors, in place (compiled by
+    :func:`~gradkit.optim._packed.apply_elementwise`)."""
+    h = fields(_DiffGradScalars, s)
+    g = g * h.sign + p * h.weight_decay
+    m_new = m + (g - m) * h.one_minus_beta1
+    v_new = v * h.beta2 + g * g * h.one_minus_beta2
     # ξ m / (√v + ε) with sigmoid(x) = 1 / (1 + e^{-x}) folded into a single division
-    inv_xi = 1.0 + torch.exp(-(prev - g).abs() * s[7])
-    p.copy_(p + s[6] * m_new / (inv_xi * (v_new.sqrt() + s[5])))
+    inv_xi = 1.0 + torch.exp(-(prev - g).abs() * h.keep_previous)
+    p.copy_(p + h.neg_step * m_new / (inv_xi * (v_new.sqrt() + h.eps)))
     m.copy_(m_new)
     v.copy_(v_new)
     prev.copy_(g)

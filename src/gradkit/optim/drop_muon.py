@@ -25,6 +25,9 @@ def drop_muon_layer_groups(layers: Any) -> list[dict[str, Any]]:
       ``model.modules()`` order (registration order, normally input -> output);
     * a list of lists of tensors: layer ``i`` is ``layers[i]``;
     * a flat iterable of tensors: one layer per tensor, in order;
+    * ``model.named_parameters()`` (``(name, tensor)`` pairs): one layer per owning module
+      (the name without its last component), in order, names kept as torch keeps them
+      (``param_names`` in the groups and in ``state_dict``);
     * a list of param-group dicts: a dict's ``layer`` key if present, else the next index.
 
     Inside a layer, ≥2-D tensors form a Muon group and 0/1-D tensors an AdamW group
@@ -47,19 +50,32 @@ def drop_muon_layer_groups(layers: Any) -> list[dict[str, Any]]:
         return items
     if all(isinstance(x, Tensor) for x in items):
         items = [[x] for x in items]
+    elif all(_is_named(x) for x in items):
+        owners: dict[str, list[tuple[str, Tensor]]] = {}
+        for name, p in items:
+            owners.setdefault(name.rpartition(".")[0], []).append((name, p))
+        items = list(owners.values())
     elif any(isinstance(x, (Tensor, dict)) for x in items):
         raise ValueError("DropMuon layers must be all tensors, all lists of tensors, or all "
                          "param-group dicts (not a mix)")
     groups = []
     for index, layer in enumerate(items):
         params = list(layer)
-        matrices = [p for p in params if p.ndim >= 2]
-        others = [p for p in params if p.ndim < 2]
+        matrices = [p for p in params if _tensor(p).ndim >= 2]
+        others = [p for p in params if _tensor(p).ndim < 2]
         if matrices:
             groups.append({"params": matrices, "use_muon": True, "layer": index})
         if others:
             groups.append({"params": others, "use_muon": False, "layer": index})
     return groups
+
+
+def _is_named(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) == 2 and isinstance(x[1], Tensor)
+
+
+def _tensor(p: Tensor | tuple[str, Tensor]) -> Tensor:
+    return p[1] if isinstance(p, tuple) else p
 
 
 def _save_generator(optimizer: DropMuon, state_dict: dict) -> dict:
@@ -120,14 +136,38 @@ class DropMuon(Muon):
     :meth:`release_cutoff` drops a pending cutoff without stepping. ``last_cutoff`` is the
     cutoff used by the latest step (``(b − last_cutoff)/b`` of the layers were updated).
 
+    Example (a point mass on cutoff 1: only the second layer is ever updated)::
+
+        >>> import torch
+        >>> from gradkit.optim import DropMuon
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+        ...                             torch.nn.Linear(4, 2))
+        >>> opt = DropMuon(model, lr=0.02, probs=[0.0, 1.0])
+        >>> first = model[0].weight.detach().clone()
+        >>> opt.zero_grad(set_to_none=True)
+        >>> opt.sample_cutoff()
+        1
+        >>> model(torch.randn(5, 3)).sum().backward()
+        >>> model[0].weight.grad is None  # the frozen prefix got no gradient
+        True
+        >>> opt.step()
+        >>> torch.equal(model[0].weight, first), opt.last_cutoff
+        (True, 1)
+
     Args:
-        params: a model, per-layer parameter lists, tensors, or groups with ``layer`` keys.
-        lr, momentum, nesterov, ns_steps, weight_decay: as :class:`Muon`.
-        probs: probabilities of cutoffs 0..b−1 (length b, non-negative, summing to 1);
-            ``None`` is uniform. A point mass on 0 gives plain Muon.
-        seed: seed of the optimizer's own cutoff generator (``None``: drawn from torch's
-            global RNG, so ``torch.manual_seed`` makes runs reproducible). The generator state
-            is part of ``state_dict``.
+        params: a model, ``model.named_parameters()`` (one layer per owning module),
+            per-layer parameter lists, tensors, or groups with ``layer`` keys.
+        lr (float, Tensor, optional): Muon learning rate (default: 0.02).
+        momentum: momentum factor β (default: 0.95).
+        nesterov: use the Nesterov-style update (default: True).
+        ns_steps: number of Newton–Schulz iterations (default: 5).
+        weight_decay: decoupled weight decay of the Muon groups (default: 0).
+        probs: probabilities of the cutoffs 0..b−1 (length b, non-negative, summing to 1);
+            None is uniform, a point mass on 0 gives plain Muon (default: None).
+        seed: seed of the optimizer's own cutoff generator; None draws it from torch's
+            global RNG, so ``torch.manual_seed`` makes runs reproducible. The generator state
+            is part of ``state_dict`` (default: None).
         **muon_kwargs: keyword-only arguments of :class:`Muon` (``adamw_lr``, ``ns_dtype``,
             ``maximize``, ``foreach``, ...).
     """
@@ -135,7 +175,7 @@ class DropMuon(Muon):
     def __init__(
         self,
         params: Any,
-        lr: float = 0.02,
+        lr: float | Tensor = 0.02,
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,

@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.adamw import adamw
 
-from gradkit.optim._base import (
-    apply_decoupled_decay,
+from gradkit._checks import (
     check_betas,
     check_eps,
     check_in_interval,
     check_lr,
     check_non_negative,
     check_positive_int,
-    evaluate_closure,
-    group_gradients,
-    step_counter,
 )
-from gradkit.optim._moments import init_adam_state, update_adam_moments
+from gradkit.optim._base import evaluate_closure, group_gradients, step_counter, tensor_steps
+from gradkit.optim._moments import init_adam_state
 from gradkit.optim._registry import register
+from gradkit.optim.adagrad_norm import scalar_lr
 from gradkit.optim.newton_schulz import newton_schulz5, ns_dtype_name
 
 # group key of an auxiliary (use_muon=False) group -> constructor default it falls back to
@@ -100,31 +98,58 @@ class Muon(torch.optim.Optimizer):
       orthogonalised in one batched NS5 call (on CPU up to ``CPU_BATCH_MAX_NUMEL`` elements,
       where batching pays; always on other devices).
     * ``maximize`` negates the gradient (both Muon and AdamW groups).
+    * The AdamW groups run torch's own functional AdamW (``torch.optim.adamw.adamw``), so
+      they take exactly the steps of ``torch.optim.AdamW`` and keep its state keys
+      (``step``, ``exp_avg``, ``exp_avg_sq``).
+
+    As ``torch.optim``: ``model.named_parameters()`` (flat or inside groups) is accepted and
+    the names are kept (``param_names``); ``lr`` may be a 1-element Tensor (any shape), which
+    torch refuses together with ``foreach=True`` (``ValueError``), and so does Muon; a
+    ``state_dict`` whose ``step`` values are Python numbers, or whose groups lack a flag
+    added later, loads (``__setstate__`` fills in the defaults).
+
+    Example (one step from zero: ``U = 0.0975·G``, NS5 maps the singular value 1 to 0.6964)::
+
+        >>> import torch
+        >>> from gradkit.optim import Muon
+        >>> p = torch.nn.Parameter(torch.zeros(2, 2, dtype=torch.float64))
+        >>> opt = Muon([p], lr=0.02, ns_dtype="float64")
+        >>> p.grad = torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64))
+        >>> opt.step()
+        >>> print(f"{p[0, 0].item():.6f} {p[1, 1].item():.1f}")  # ≈ -0.02 · 0.6964
+        -0.013929 0.0
 
     Args:
-        params: parameters or parameter groups (dicts, optionally with ``use_muon``).
-        lr: Muon learning rate (default 0.02).
-        momentum: β (default 0.95).
-        nesterov: Nesterov-style update (default True).
-        ns_steps: Newton–Schulz iterations (default 5).
-        weight_decay: decoupled decay λ of Muon groups (default 0).
-        adamw_lr, adamw_betas, adamw_eps, adamw_weight_decay: AdamW defaults for
-            ``use_muon=False`` groups.
-        ns_dtype: NS working dtype, ``"bfloat16"`` (reference), ``"float32"``, ``"float64"``.
-        maximize: maximise the objective.
-        foreach: use ``torch._foreach_*`` for momentum and AdamW (None: torch's auto rule).
+        params: iterable of parameters or named_parameters to optimize, or dicts defining
+            parameter groups (a group may carry ``use_muon``, default True).
+        lr (float, Tensor, optional): Muon learning rate :math:`\gamma`; a float or a
+            1-element Tensor (default: 0.02).
+        momentum: momentum factor :math:`\beta` (default: 0.95).
+        nesterov: use the Nesterov-style update :math:`U_t` (default: True).
+        ns_steps: number of Newton–Schulz iterations (default: 5).
+        weight_decay: decoupled weight decay :math:`\lambda` of the Muon groups (default: 0).
+        adamw_lr: learning rate of ``use_muon=False`` groups without their own ``lr``
+            (default: 3e-4).
+        adamw_betas: their :math:`(\beta_1, \beta_2)` (default: (0.9, 0.95)).
+        adamw_eps: their :math:`\epsilon` (default: 1e-10).
+        adamw_weight_decay: their decoupled weight decay (default: 0).
+        ns_dtype: working dtype of Newton–Schulz, ``"bfloat16"`` as the reference,
+            ``"float32"`` or ``"float64"`` (default: "bfloat16").
+        maximize: maximize the objective instead of minimizing (default: False).
+        foreach: use the ``torch._foreach_*`` implementation; None picks it on CUDA-class
+            devices only, as torch does (default: None).
     """
 
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 0.02,
+        lr: float | Tensor = 0.02,
         momentum: float = 0.95,
         nesterov: bool = True,
         ns_steps: int = 5,
         weight_decay: float = 0.0,
         *,
-        adamw_lr: float = 3e-4,
+        adamw_lr: float | Tensor = 3e-4,
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-10,
         adamw_weight_decay: float = 0.0,
@@ -133,6 +158,7 @@ class Muon(torch.optim.Optimizer):
         foreach: bool | None = None,
     ) -> None:
         check_lr(adamw_lr)
+        _check_tensor_lr(adamw_lr, foreach)
         check_betas(adamw_betas)
         check_eps(adamw_eps, "adamw_eps")
         check_non_negative("adamw_weight_decay", adamw_weight_decay)
@@ -146,9 +172,21 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("use_muon", True)
+            group.setdefault("maximize", False)
+            group.setdefault("foreach", None)
+            group.setdefault("nesterov", True)
+            group.setdefault("ns_steps", 5)
+            group.setdefault("ns_dtype", "bfloat16")
+        tensor_steps(self)
+
     @staticmethod
     def _check_muon_hyper(group: dict) -> None:
         check_lr(group["lr"])
+        _check_tensor_lr(group["lr"], group["foreach"])
         check_in_interval("momentum", group["momentum"], 0.0, 1.0)
         check_positive_int("ns_steps", group["ns_steps"])
         check_non_negative("weight_decay", group["weight_decay"])
@@ -157,10 +195,14 @@ class Muon(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         params = param_group["params"]
         param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        # (name, tensor) pairs from named_parameters(): torch's add_param_group unpacks them
+        tensors = [p[1] if isinstance(p, tuple) else p for p in param_group["params"]]
         if not param_group.setdefault("use_muon", True):
             for key, default_key in _AUX_DEFAULT_KEYS.items():
                 param_group.setdefault(key, self.defaults[default_key])
             check_lr(param_group["lr"])
+            _check_tensor_lr(param_group["lr"], param_group.get("foreach",
+                                                               self.defaults["foreach"]))
             check_betas(param_group["betas"])
             check_eps(param_group["eps"])
             check_non_negative("weight_decay", param_group["weight_decay"])
@@ -169,7 +211,7 @@ class Muon(torch.optim.Optimizer):
             self._check_muon_hyper(merged)
             if "ns_dtype" in param_group:
                 param_group["ns_dtype"] = merged["ns_dtype"]
-            for p in param_group["params"]:
+            for p in tensors:
                 if p.ndim < 2:
                     raise ValueError(
                         f"Muon: a parameter of shape {tuple(p.shape)} is in a use_muon=True "
@@ -231,38 +273,31 @@ class Muon(torch.optim.Optimizer):
             if len(items) == 1:
                 ortho = ortho.unsqueeze(0)
             for (group, p, _), o in zip(items, ortho):
-                lr, wd = group["lr"], group["weight_decay"]
-                if wd != 0 and lr != 0:
+                lr, wd = scalar_lr(group["lr"]), group["weight_decay"]
+                if wd != 0:
                     p.mul_(1.0 - lr * wd)
                 p.add_(o.reshape(p.shape), alpha=-lr)
 
     def _adamw_update(self, group: dict) -> None:
-        params, grads, foreach = group_gradients("Muon", group)
+        """torch's own AdamW (functional ``torch.optim.adamw.adamw``) on the group's params."""
+        params, grads, foreach = group_gradients("Muon", group, negate=False)
         if not params:
             return
-        beta1, beta2 = group["betas"]
-        lr, eps = group["lr"], group["eps"]
-        exp_avgs, exp_avg_sqs, steps = [], [], []
         for p in params:
-            state = self.state[p]
-            init_adam_state(state, p)
-            step = step_counter(state, p)
-            step += 1
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(step.item())
-        update_adam_moments(exp_avgs, exp_avg_sqs, grads, beta1, beta2, foreach)
-        apply_decoupled_decay(params, lr, group["weight_decay"], foreach)
-        bc2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
-        step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
-        if foreach:
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, bc2_sqrt)
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
-        else:
-            for p, m, v, c2, s in zip(params, exp_avgs, exp_avg_sqs, bc2_sqrt, step_sizes):
-                p.addcdiv_(m, v.sqrt().div_(c2).add_(eps), value=s)
+            init_adam_state(self.state[p], p)
+            step_counter(self.state[p], p)
+        states = [self.state[p] for p in params]
+        beta1, beta2 = group["betas"]
+        adamw(params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+              [], [s["step"] for s in states], foreach=foreach, amsgrad=False, beta1=beta1,
+              beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+              eps=group["eps"], maximize=group["maximize"])
+
+
+def _check_tensor_lr(lr: float | Tensor, foreach: bool | None) -> None:
+    """torch's rule: a Tensor lr is refused with ``foreach=True`` (and ``capturable=False``)."""
+    if isinstance(lr, Tensor) and foreach:
+        raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
 
 
 # ---------------------------------------------------------------------- param split

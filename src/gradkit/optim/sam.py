@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradkit.optim._base import check_non_negative, params_with_grad
+from gradkit._checks import check_non_negative
+from gradkit.optim._base import params_with_grad
 from gradkit.optim._registry import register
 from gradkit.optim._wrapper import WrapperOptimizer, build_base
 
@@ -48,12 +49,42 @@ class SAM(WrapperOptimizer):
             return loss
         loss = opt.step(closure)
 
+    The reference README's loop works unchanged (``base`` may be a class, as there)::
+
+        opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+        loss_fn(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        loss_fn(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    (Choice: the reference's ``step(closure)`` expects the gradient at ``w`` to be computed
+    before the call and evaluates the closure once; here ``step(closure)`` evaluates it
+    twice, so no backward pass is needed before it.)
+
+    Example (``w = 3``, ``L = w²``: ``e = ρ·sign(g) = 0.5``, gradient 7 at ``w + e``)::
+
+        >>> import torch
+        >>> from gradkit.optim import SAM
+        >>> w = torch.nn.Parameter(torch.tensor([3.0]))
+        >>> opt = SAM([w], base="sgd", lr=0.1, rho=0.5)
+        >>> def closure():
+        ...     loss = (w ** 2).sum()
+        ...     loss.backward()
+        ...     return loss
+        >>> opt.step(closure).item()  # the loss at w
+        9.0
+        >>> w.detach(), w.grad  # w <- 3 - 0.1 * 7
+        (tensor([2.3000]), tensor([7.]))
+
     Args:
-        params: parameters or groups (``None`` when ``base`` is an optimizer instance).
-        base: registry name, optimizer class, or instance (default ``"sgd"``).
-        rho: neighbourhood radius ρ (default 0.05).
-        adaptive: ASAM scaling by ``|w|`` (default False).
-        **base_kwargs: arguments of the base optimizer.
+        params: iterable of parameters or named_parameters to optimize, or dicts defining
+            parameter groups; None when ``base`` is an optimizer instance.
+        base: the base optimizer: a registry name, an optimizer class, or an instance
+            (default: "sgd").
+        rho: neighbourhood radius :math:`\rho`, per group (default: 0.05).
+        adaptive: ASAM, scale the perturbation by :math:`|w|` (default: False).
+        **base_kwargs: arguments of the base optimizer (``lr``, ``momentum``, ``maximize``,
+            ``foreach``, ...).
     """
 
     def __init__(self, params: Any = None, base: Any = "sgd", *, rho: float = 0.05,
@@ -64,12 +95,19 @@ class SAM(WrapperOptimizer):
         self._perturbation: list[tuple[Tensor, Tensor]] = []
 
     @torch.no_grad()
-    def first_step(self) -> None:
-        """Move to ``w + e`` using the current gradients (computed at ``w``)."""
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to ``w + e`` using the current gradients (computed at ``w``).
+
+        Args:
+            zero_grad: then clear the gradients (``zero_grad()``, set to None), ready for
+                the backward pass at ``w + e`` (the reference README's loop).
+        """
         pairs = [(group, params_with_grad("SAM", group)) for group in self.param_groups]
         scaled = [g * p.abs() if group["adaptive"] else g
                   for group, (params, grads) in pairs for p, g in zip(params, grads)]
         if not scaled:
+            if zero_grad:
+                self.zero_grad()
             return
         device = scaled[0].device
         norm = torch.linalg.vector_norm(
@@ -83,14 +121,22 @@ class SAM(WrapperOptimizer):
                 e = (g * p.square() if group["adaptive"] else g) * scale.to(p.device)
                 self._perturbation.append((p, p.clone()))
                 p.add_(e)
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self) -> None:
-        """Return to ``w`` and take the base step with the current gradients (at ``w + e``)."""
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Return to ``w`` and take the base step with the current gradients (at ``w + e``).
+
+        Args:
+            zero_grad: then clear the gradients (``zero_grad()``, set to None).
+        """
         for p, w in self._perturbation:
             p.copy_(w)
         self._perturbation = []
         self.base.step()
+        if zero_grad:
+            self.zero_grad()
 
     @torch.no_grad()
     def step(self, closure=None):
