@@ -17,6 +17,7 @@ import numpy as np
 
 from gradkit.bench import scoring
 from gradkit.bench.protocol import select
+from gradkit.bench.records import TrialRecord
 from gradkit.bench.store import Store
 
 Table = tuple[list[str], list[list[Any]]]
@@ -30,9 +31,9 @@ class StudyResult:
     space: str
     n_trials: int
     seeds: list[int]
-    tune: list[dict[str, Any]] = field(default_factory=list)
-    selected: dict[str, Any] | None = None
-    final: list[dict[str, Any]] = field(default_factory=list)
+    tune: list[TrialRecord] = field(default_factory=list)
+    selected: TrialRecord | None = None
+    final: list[TrialRecord] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -41,18 +42,20 @@ class StudyResult:
     def to_target(self, basis: str) -> tuple[float, float, float]:
         """Median, min, max over seeds of steps or seconds to target (inf = missed)."""
         column = f"{basis}_to_target"
-        values = [math.inf if r[column] is None else float(r[column]) for r in self.final]
+        raw = [getattr(r, column) for r in self.final]
+        values = [math.inf if v is None else float(v) for v in raw]
         return scoring.median_and_range(values) if values else (math.inf,) * 3
 
     def metric(self, column: str) -> tuple[float, float, float]:
-        values = [math.nan if r[column] is None else float(r[column]) for r in self.final]
+        raw = [getattr(r, column) for r in self.final]
+        values = [math.nan if v is None else float(v) for v in raw]
         finite = [v for v in values if math.isfinite(v)]
         if len(finite) < len(values):  # a diverged/failed seed has no final metric
             return (math.nan, math.nan, math.nan)
         return scoring.median_and_range(finite)
 
     def reached(self) -> int:
-        return sum(r["steps_to_target"] is not None for r in self.final)
+        return sum(r.steps_to_target is not None for r in self.final)
 
 
 @dataclass
@@ -63,7 +66,7 @@ class Analysis:
     optimizers: list[str]
     studies: dict[tuple[str, str], StudyResult]
     notes: list[str]
-    trials: list[dict[str, Any]]
+    trials: list[TrialRecord]
     environment: str = ""
 
     @property
@@ -94,19 +97,19 @@ def analyze(store: Store, suite: str, version: str) -> Analysis:
                 s["workload"], s["optimizer"], bool(s["torch_baseline"]), s["space"],
                 s["n_trials"], s["seeds"])
     for row in trials:
-        study = studies.get((row["workload"], row["optimizer"]))
-        if study is not None and row["phase"] == "tune":
+        study = studies.get((row.workload, row.optimizer))
+        if study is not None and row.phase == "tune":
             study.tune.append(row)
     for (w, _), study in studies.items():
-        study.tune.sort(key=lambda r: r["trial_index"])
+        study.tune.sort(key=lambda r: r.trial_index)
         if not study.tune:
             continue
         study.selected = select(study.tune, direction[w])
-        chosen = study.selected["hparams"]
+        chosen = study.selected.hparams
         study.final = sorted(
-            (r for r in trials if (r["workload"], r["optimizer"]) == (w, study.optimizer)
-             and r["hparams"] == chosen and r["seed"] in study.seeds),
-            key=lambda r: r["seed"])
+            (r for r in trials if (r.workload, r.optimizer) == (w, study.optimizer)
+             and r.hparams == chosen and r.seed in study.seeds),
+            key=lambda r: r.seed)
     optimizers = sorted({o for _, o in studies})
     return Analysis(suite, version, workloads, optimizers, studies,
                     store.notes(suite, version), trials,
@@ -127,12 +130,12 @@ def leaderboard(a: Analysis) -> Table:
     gm_secs, _ = scoring.geometric_mean_speedup(scoring.speedups(t_secs, a.baselines))
     rows = []
     for j, o in enumerate(a.optimizers):
-        mine = [r for r in a.trials if r["optimizer"] == o]
+        mine = [r for r in a.trials if r.optimizer == o]
         rows.append([0, o, round(float(score_steps[j]), 4), round(float(score_secs[j]), 4),
                      f"{int(np.isfinite(t_steps[:, j]).sum())}/{len(a.workloads)}",
                      _round(gm_steps[j]), int(used[j]), _round(gm_secs[j]),
-                     sum(r["status"] == "failed" for r in mine),
-                     sum(r["status"] == "diverged" for r in mine)])
+                     sum(r.status == "failed" for r in mine),
+                     sum(r.status == "diverged" for r in mine)])
     rows.sort(key=lambda r: (-r[2], r[1]))
     for rank, row in enumerate(rows, 1):
         row[0] = rank
@@ -170,8 +173,8 @@ def final_metrics(a: Analysis) -> Table:
             s = a.studies.get((w["name"], o))
             if s is None or s.selected is None:
                 continue
-            rows.append([w["name"], o, w["metric"], json.dumps(s.selected["hparams"],
-                         sort_keys=True), s.selected["trial_index"],
+            rows.append([w["name"], o, w["metric"], json.dumps(s.selected.hparams,
+                         sort_keys=True), s.selected.trial_index,
                          *(_round(v, 6) for v in s.metric("final_val_metric")),
                          *(_round(v, 6) for v in s.metric("final_test_metric")),
                          len(s.final), s.complete])
@@ -182,12 +185,13 @@ def trials_table(a: Analysis) -> Table:
     headers = ["key", "workload", "optimizer", "phase", "trial_index", "seed", "hparams",
                "status", "steps_to_target", "final_val_metric", "final_test_metric",
                "error", "seconds_to_target", "train_seconds"]
-    rows = [[r["key"], r["workload"], r["optimizer"], r["phase"], r["trial_index"], r["seed"],
-             json.dumps(r["hparams"], sort_keys=True), r["status"], r["steps_to_target"],
-             _round(r["final_val_metric"], 6), _round(r["final_test_metric"], 6),
-             r["error"] or "", _round(r["seconds_to_target"]), _round(r["train_seconds"])]
-            for r in sorted(a.trials, key=lambda r: (r["workload"], r["optimizer"],
-                                                      r["trial_index"], r["seed"], r["key"]))]
+    rows = [[r.key, r.workload, r.optimizer, r.phase, r.trial_index, r.seed,
+             json.dumps(r.hparams, sort_keys=True), r.status, r.steps_to_target,
+             _round(r.final_val_metric, 6), _round(r.final_test_metric, 6),
+             r.error or r.divergence or "", _round(r.seconds_to_target),
+             _round(r.train_seconds)]
+            for r in sorted(a.trials, key=lambda r: (r.workload, r.optimizer,
+                                                      r.trial_index, r.seed, r.key))]
     return headers, rows
 
 

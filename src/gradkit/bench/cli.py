@@ -194,7 +194,7 @@ def _run(args, suite, entries, optimizers, notes, out: Path, db: Path) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     db.parent.mkdir(parents=True, exist_ok=True)
-    store = Store(db)
+    store = Store.create(db)
     studies = build_studies(suite, entries, optimizers)
     store.declare(
         suite.name, suite.version,
@@ -252,11 +252,10 @@ def report_command(args) -> int:
     from gradkit.bench.store import Store
 
     db = Path(args.db)
-    Store.open_existing(db).close()  # checks it is a gradkit database
     out = Path(args.out) if args.out else db.parent / "report"
-    check_writable(out, directory=True)
-    store = Store(db)
+    store = Store.open_existing(db)  # read-only: the report never writes into a database
     try:
+        check_writable(out, directory=True)
         index, analysis = write_report(store, out, args.suite)
     finally:
         store.close()

@@ -6,13 +6,15 @@ read back for selection), so rerunning a killed command completes exactly the mi
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gradkit.bench.protocol import Study, select
+from gradkit.bench.records import TrialOutcome, TrialRecord
 from gradkit.bench.runner import TrialTask
 from gradkit.bench.store import Store
 from gradkit.bench.suites import Suite
@@ -75,8 +77,8 @@ class _Progress:
 def run_studies(store: Store, suite: Suite, studies: list[Study], executor: Any, *,
                 quiet: bool = False) -> RunStats:
     """Run every missing trial of ``studies`` on ``executor``, recording each in ``store``."""
-    known: dict[str, dict[str, Any]] = {r["key"]: r for r in store.trials(suite.name,
-                                                                         suite.version)}
+    known: dict[str, TrialRecord] = {r.key: r for r in store.trials(suite.name,
+                                                                    suite.version)}
     stats = RunStats()
     queue: deque[tuple[int, TrialTask]] = deque()
     waiting: dict[int, set[str]] = {}
@@ -87,9 +89,9 @@ def run_studies(store: Store, suite: Suite, studies: list[Study], executor: Any,
 
     def seed_tasks(i: int) -> list[tuple[int, TrialTask]]:
         study = studies[i]
-        rows = [known[t.key] | {"trial_index": t.index} for t in study.tune]
+        rows = [replace(known[t.key], trial_index=t.index) for t in study.tune]
         best = select(rows, study.entry.workload.higher_is_better)
-        chosen = next(t for t in study.tune if t.key == best["key"])
+        chosen = next(t for t in study.tune if t.key == best.key)
         tasks = study.seed_tasks(chosen)
         stats.skipped += sum(t.key in known for t in tasks)
         return [(i, t) for t in tasks if t.key not in known]
@@ -128,13 +130,17 @@ def run_studies(store: Store, suite: Suite, studies: list[Study], executor: Any,
     return stats
 
 
-def _record(store: Store, suite: Suite, study: Study, task: TrialTask, outcome: dict[str, Any],
-            known: dict[str, dict[str, Any]], stats: RunStats, progress: _Progress) -> None:
-    store.record(task.as_dict(), suite.version, study.entry.name, study.optimizer.name, outcome)
-    known[task.key] = outcome | {"key": task.key, "trial_index": task.index}
+def _record(store: Store, suite: Suite, study: Study, task: TrialTask, outcome: TrialOutcome,
+            known: dict[str, TrialRecord], stats: RunStats, progress: _Progress) -> None:
+    store.record(task, suite.version, study.entry.name, study.optimizer.name, outcome)
+    known[task.key] = TrialRecord.from_outcome(
+        outcome, key=task.key, suite=task.suite, version=suite.version,
+        workload=study.entry.name, optimizer=study.optimizer.name,
+        hparams=json.loads(task.hparams), seed=task.seed, phase=task.phase,
+        trial_index=task.index)
     stats.ran += 1
-    stats.statuses[outcome["status"]] = stats.statuses.get(outcome["status"], 0) + 1
+    stats.statuses[outcome.status] = stats.statuses.get(outcome.status, 0) + 1
     label = f"{study.entry.name} / {study.optimizer.name} / seed {task.seed}"
     progress.advance(label)
-    if outcome["status"] == "failed":
-        progress.log(f"trial failed: {label}: {outcome['error']}")
+    if outcome.status in ("failed", "crashed"):
+        progress.log(f"trial {outcome.status}: {label}: {outcome.error}")

@@ -11,6 +11,7 @@ import numpy as np
 
 from gradkit.bench import scoring
 from gradkit.bench.analysis import Analysis
+from gradkit.bench.records import CurvePoint
 from gradkit.errors import require_extra
 
 
@@ -57,18 +58,19 @@ def performance_profile(a: Analysis, path: Path) -> None:
     plt.close(fig)
 
 
-def _stack(curves: list[list[tuple]], column: int) -> tuple[np.ndarray, np.ndarray]:
-    steps = sorted({row[0] for c in curves for row in c})
+def _stack(curves: list[list[CurvePoint]], column: str) -> tuple[np.ndarray, np.ndarray]:
+    steps = sorted({point.step for c in curves for point in c})
     index = {s: k for k, s in enumerate(steps)}
     mat = np.full((len(curves), len(steps)), np.nan)
     for i, c in enumerate(curves):
-        for row in c:
-            if row[column] is not None:
-                mat[i, index[row[0]]] = row[column]
+        for point in c:
+            value = getattr(point, column)
+            if value is not None:
+                mat[i, index[point.step]] = value
     return np.array(steps, dtype=float), mat
 
 
-def workload_curves(a: Analysis, workload: dict[str, Any], curves: dict[str, list[tuple]],
+def workload_curves(a: Analysis, workload: dict[str, Any], curves: dict[str, list[CurvePoint]],
                     path: Path) -> None:
     """Validation metric and training loss vs step: median over seeds, min–max band."""
     plt = _pyplot()
@@ -78,16 +80,16 @@ def workload_curves(a: Analysis, workload: dict[str, Any], curves: dict[str, lis
         study = a.studies.get((workload["name"], o))
         if study is None or not study.final:
             continue
-        runs = [curves[r["key"]] for r in study.final if curves.get(r["key"])]
+        runs = [curves[r.key] for r in study.final if curves.get(r.key)]
         if not runs:
             continue
-        for ax, column in zip(axes, (4, 2)):
+        for ax, column in zip(axes, ("val_metric", "train_loss")):
             x, mat = _stack(runs, column)
             with warnings.catch_warnings():  # all-NaN columns after a divergence
                 warnings.simplefilter("ignore", RuntimeWarning)
                 med = np.nanmedian(mat, 0)
                 lo, hi = np.nanmin(mat, 0), np.nanmax(mat, 0)
-            bad = sum(r["status"] != "ok" for r in study.final)
+            bad = sum(r.status != "ok" for r in study.final)
             ax.plot(x, med, color=sty[o]["color"], ls=sty[o]["ls"], lw=1.8,
                     label=f"{o} ({len(runs)} seeds{f', {bad} diverged/failed' if bad else ''})")
             ax.fill_between(x, lo, hi, color=sty[o]["color"], alpha=0.2, lw=0)
@@ -114,27 +116,27 @@ def lr_sensitivity(a: Analysis, workload: dict[str, Any], path: Path) -> None:
     plt = _pyplot()
     sty = styles(a)
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    finite_vals = [r["final_val_metric"] for r in a.trials
-                   if r["workload"] == workload["name"] and r["final_val_metric"] is not None
-                   and math.isfinite(r["final_val_metric"])]
+    finite_vals = [r.final_val_metric for r in a.trials
+                   if r.workload == workload["name"] and r.final_val_metric is not None
+                   and math.isfinite(r.final_val_metric)]
     worst = (min(finite_vals) if workload["higher_is_better"] else max(finite_vals)
              ) if finite_vals else 0.0
     for o in a.optimizers:
         study = a.studies.get((workload["name"], o))
         if study is None or not study.tune:
             continue
-        rows = sorted((r for r in study.tune if "lr" in r["hparams"]),
-                      key=lambda r: r["hparams"]["lr"])
-        ok = [r for r in rows if r["final_val_metric"] is not None]
-        bad = [r for r in rows if r["final_val_metric"] is None]
-        ax.plot([r["hparams"]["lr"] for r in ok], [r["final_val_metric"] for r in ok],
+        rows = sorted((r for r in study.tune if "lr" in r.hparams),
+                      key=lambda r: r.hparams["lr"])
+        ok = [r for r in rows if r.final_val_metric is not None]
+        bad = [r for r in rows if r.final_val_metric is None]
+        ax.plot([r.hparams["lr"] for r in ok], [r.final_val_metric for r in ok],
                 color=sty[o]["color"], ls=sty[o]["ls"], marker=sty[o]["marker"], label=o, ms=5)
         if bad:
-            ax.plot([r["hparams"]["lr"] for r in bad], [worst] * len(bad), "x",
+            ax.plot([r.hparams["lr"] for r in bad], [worst] * len(bad), "x",
                     color=sty[o]["color"], ms=9, mew=2)
-        if study.selected is not None and "lr" in study.selected["hparams"] and \
-                study.selected["final_val_metric"] is not None:
-            ax.plot(study.selected["hparams"]["lr"], study.selected["final_val_metric"], "o",
+        if study.selected is not None and "lr" in study.selected.hparams and \
+                study.selected.final_val_metric is not None:
+            ax.plot(study.selected.hparams["lr"], study.selected.final_val_metric, "o",
                     mfc="none", mec="k", ms=11)
     ax.axhline(workload["target"], color="k", ls="--", lw=1)
     ax.set_xscale("log")

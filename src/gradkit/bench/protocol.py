@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gradkit.bench.optimizers import OptimizerSpec
+from gradkit.bench.records import TrialRecord
 from gradkit.bench.runner import TrialTask, canonical_json, trial_key
 from gradkit.bench.suites import Suite
 from gradkit.bench.workloads import Workload, describe
@@ -72,15 +73,15 @@ def build_studies(suite: Suite, entries: list[WorkloadEntry],
     return studies
 
 
-def selection_key(row: dict[str, Any], higher_is_better: bool) -> tuple:
-    """Sort key of a tuning trial (smaller is better); ``row`` has outcome fields + index."""
-    steps = row.get("steps_to_target")
-    val = row.get("final_val_metric")
+def selection_key(row: TrialRecord, higher_is_better: bool) -> tuple:
+    """Sort key of a tuning trial (smaller is better)."""
+    steps = row.steps_to_target
+    val = row.final_val_metric
     val_rank = math.inf if val is None else (-val if higher_is_better else val)
-    return (row["status"] != "ok", math.inf if steps is None else steps, val_rank,
-            row["trial_index"])
+    return (row.status != "ok", math.inf if steps is None else steps, val_rank,
+            row.trial_index)
 
 
-def select(rows: list[dict[str, Any]], higher_is_better: bool) -> dict[str, Any]:
+def select(rows: list[TrialRecord], higher_is_better: bool) -> TrialRecord:
     """The winning tuning trial among ``rows`` (non-empty)."""
     return min(rows, key=lambda r: selection_key(r, higher_is_better))

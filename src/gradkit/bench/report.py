@@ -178,12 +178,12 @@ def render_html(a: Analysis, figures: dict[str, str]) -> str:
             src = figures.get(f"{kind}_{w['name']}")
             if src:
                 parts.append(f"<img src='{src}' alt='{kind} {e(w['name'])}'>")
-    failed = [r for r in a.trials if r["status"] != "ok"]
+    failed = [r for r in a.trials if r.status != "ok"]
     if failed:
         parts += ["<h2>Failed and diverged trials</h2>",
                   _html_table(["workload", "optimizer", "trial", "seed", "status", "message"],
-                              [[r["workload"], r["optimizer"], r["trial_index"], r["seed"],
-                                r["status"], r["error"]] for r in failed])]
+                              [[r.workload, r.optimizer, r.trial_index, r.seed,
+                                r.status, r.error or r.divergence] for r in failed])]
     parts.append("<p>CSV: " + ", ".join(f"<a href='{n}.csv'>{n}.csv</a>" for n in CSV_TABLES)
                  + "</p></body></html>")
     return "\n".join(parts)
@@ -200,7 +200,7 @@ def write_report(store: Store, out: Path, suite: str | None = None) -> tuple[Pat
     if a.optimizers and a.workloads:
         plots.performance_profile(a, out / "profile.png")
         figures["profile"] = "profile.png"
-        keys = [r["key"] for s in a.studies.values() for r in s.final]
+        keys = [r.key for s in a.studies.values() for r in s.final]
         curves = store.curves(keys)
         for w in a.workloads:
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in w["name"])
