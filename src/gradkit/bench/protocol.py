@@ -4,19 +4,19 @@ A *study* is one (workload, optimizer) pair of a suite. Its *tuning* trials are 
 configuration (index 0) and ``n_trials`` quasi-random configurations (indices 1..n), all at
 ``seeds[0]``. The selected configuration is rerun at the remaining seeds (*seed* trials).
 Selection is on validation only: finished before diverged/failed, then fewest steps to the
-validation target (a miss is infinite), then best final validation metric, then lowest index.
+validation target (a miss is infinite), then best final validation metric, then lowest index
+(:func:`gradkit.bench.scoring.select`, which ``gradkit report`` uses without torch).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from gradkit.bench.optimizers import OptimizerSpec
-from gradkit.bench.records import TrialRecord
 from gradkit.bench.runner import TrialTask, canonical_json, trial_key
+from gradkit.bench.scoring import select, selection_key  # noqa: F401  (re-exported)
 from gradkit.bench.suites import Suite
 from gradkit.bench.workloads import Workload, describe
 
@@ -71,17 +71,3 @@ def build_studies(suite: Suite, entries: list[WorkloadEntry],
                     study.tune.append(task)
             studies.append(study)
     return studies
-
-
-def selection_key(row: TrialRecord, higher_is_better: bool) -> tuple:
-    """Sort key of a tuning trial (smaller is better)."""
-    steps = row.steps_to_target
-    val = row.final_val_metric
-    val_rank = math.inf if val is None else (-val if higher_is_better else val)
-    return (row.status != "ok", math.inf if steps is None else steps, val_rank,
-            row.trial_index)
-
-
-def select(rows: list[TrialRecord], higher_is_better: bool) -> TrialRecord:
-    """The winning tuning trial among ``rows`` (non-empty)."""
-    return min(rows, key=lambda r: selection_key(r, higher_is_better))
