@@ -190,9 +190,23 @@ def test_overlapping_intervals_or_equal_scores_share_a_rank():
     scores = np.array([0.9, 0.8, 0.5, 0.5, 0.1])
     low = np.array([0.85, 0.5, 0.45, 0.5, 0.05])
     high = np.array([0.95, 0.86, 0.55, 0.5, 0.15])
-    # 0.9 vs 0.8 overlap -> both rank 1; the 0.5s are clearly below 0.9 only (0.8 overlaps
-    # them) -> rank 2; equal scores share; 0.1 is below all four
-    np.testing.assert_array_equal(scoring.shared_ranks(scores, low, high), [1, 1, 2, 2, 5])
+    # 0.8 overlaps the leader 0.9 -> both rank 1; the 0.5s are clearly below 0.9 -> a new
+    # group at position 3, and equal scores share it; 0.1 is clearly below 0.5's interval
+    np.testing.assert_array_equal(scoring.shared_ranks(scores, low, high), [1, 1, 3, 3, 5])
+
+
+def test_ranks_never_decrease_down_the_sorted_scores():
+    # a lower score whose interval overlaps its group's leader must not outrank a higher one
+    scores = np.array([0.367, 0.263, 0.25])
+    low = np.array([0.333, 0.197, 0.16])
+    high = np.array([0.427, 0.32, 0.333])
+    np.testing.assert_array_equal(scoring.shared_ranks(scores, low, high), [1, 2, 2])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        s = rng.uniform(size=6)
+        half = rng.uniform(0, 0.2, size=6)
+        ranks = scoring.shared_ranks(s, s - half, s + half)
+        assert np.all(np.diff(ranks[np.argsort(-s)]) >= 0)
 
 
 def test_equal_scores_at_printed_precision_tie_even_with_disjoint_intervals():

@@ -187,11 +187,11 @@ def summary_text(a: Analysis) -> str:
 
 
 # ------------------------------------------------------------------------------------ HTML
-def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
+def _html_table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(v))}</td>" for v in row) + "</tr>"
                    for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table class='{cls}'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _rich_table(headers: list[str], rows: list[list[tuple]], cls: str = "") -> str:
@@ -216,7 +216,7 @@ table{border-collapse:collapse;margin:0.5em 0 1em;font-size:0.8em;max-width:100%
 td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}
 th{background:#f3f3f3;white-space:normal;max-width:9em;vertical-align:bottom}
 td:first-child,th:first-child,.leaderboard td:nth-child(2){text-align:left}
-td small{color:#666}
+td small{color:#666}table.text td{text-align:left;white-space:normal}
 td.noise{color:#999;font-style:italic}img{max-width:100%}
 .verdict{font-size:1.1em;background:#eef5ff;border-left:4px solid #3b7dd8;padding:8px 12px}
 .note{background:#fff6d6;padding:4px 8px;margin:2px 0}
@@ -242,9 +242,9 @@ GLOSSARY = (
      "missing a target never raises it; 'missed k of n' says how often that happened."),
     ("95 % interval", "percentile interval of a seeded bootstrap (1000 replicates) that "
      "resamples the seed runs of every selected configuration; tuning is not resampled."),
-    ("rank", "1 + the number of optimizers that are clearly better: a higher step score at 3 "
-     "significant digits and a 95 % interval entirely above. Equal scores and overlapping "
-     "intervals share a rank."),
+    ("rank", "optimizers sorted by step score share the rank of the group above unless "
+     "they are clearly worse than its best member: a lower score at 3 significant digits and "
+     "a 95 % interval entirely below. Equal scores and overlapping intervals share a rank."),
     ("† / grey", "† marks a torch.optim baseline; grey italic wall-clock cells are below "
      f"{MIN_SECONDS:g} s, which is timing noise."),
 )
@@ -308,7 +308,7 @@ def render_html(a: Analysis, figures: dict[str, str],
         parts.append(diagnostics_html(a, readings))
     studies = sorted({(s.optimizer, s.space) for s in a.studies.values()})
     parts += ["<h2>Declared search spaces</h2>",
-              _html_table(["optimizer", "search space"], [list(s) for s in studies])]
+              _html_table(["optimizer", "search space"], [list(s) for s in studies], "text")]
     for w in a.workloads:
         parts += [f"<h2>Workload <code>{e(w['name'])}</code></h2>",
                   f"<p>{e(w.get('description', ''))}. Target: validation {e(w['metric'])} "
@@ -324,7 +324,7 @@ def render_html(a: Analysis, figures: dict[str, str],
         parts += ["<h2>Failed and diverged trials</h2>",
                   _html_table(["workload", "optimizer", "trial", "seed", "status", "message"],
                               [[r.workload, r.optimizer, r.trial_index, r.seed,
-                                r.status, r.error or r.divergence] for r in failed])]
+                                r.status, r.error or r.divergence] for r in failed], "text")]
     parts.append("<p>CSV: " + ", ".join(f"<a href='{n}.csv'>{n}.csv</a>" for n in CSV_TABLES)
                  + "</p></body></html>")
     return "\n".join(parts)

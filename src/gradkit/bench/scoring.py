@@ -40,11 +40,13 @@ the 2.5 and 97.5 percentiles give a 95 % interval. The generator is seeded, so t
 a deterministic function of the database. Tuning (which configuration was selected) is not
 resampled: the intervals measure seed-to-seed noise of the selected configurations.
 
-**Ranks with ties** (:func:`shared_ranks`): ``rank = 1 + number of optimizers that are
-clearly better``, where ``o'`` is clearly better than ``o`` when its score, rounded to the
-3 significant digits the report prints, is higher *and* its bootstrap interval lies entirely
-above ``o``'s. Optimizers with equal scores or overlapping intervals therefore share a rank
-(the rule of the LMSYS chatbot-arena leaderboard).
+**Ranks with ties** (:func:`shared_ranks`). Optimizers are sorted by score (rounded to the 3
+significant digits the report prints) and cut into groups from the top: an optimizer joins
+the group above it unless it is *clearly worse* than that group's first (best) member, which
+means a lower printed score *and* a bootstrap interval lying entirely below that member's.
+Everyone in a group shares the rank of the group's first position (competition ranking:
+1, 1, 3, ...). So equal scores and intervals that overlap the group leader's share a rank,
+and ranks never decrease down the sorted table.
 """
 
 from __future__ import annotations
@@ -240,14 +242,21 @@ def round_sig(value: float, digits: int = 3) -> float:
 
 def shared_ranks(scores: np.ndarray, low: np.ndarray, high: np.ndarray,
                  digits: int = 3) -> np.ndarray:
-    """``1 + #{clearly better}`` per optimizer (see the module docstring); higher is better.
+    """Competition ranks with ties (see the module docstring); higher scores are better.
 
-    ``o'`` is clearly better than ``o`` when ``round_sig(score[o']) > round_sig(score[o])``
-    and ``low[o'] > high[o]``. NaN scores rank last.
+    Args:
+        scores: per optimizer (NaN ranks last).
+        low, high: the bootstrap interval of each score (NaN: the score itself).
+        digits: significant digits at which scores are compared.
     """
     scores = np.asarray(scores, dtype=float)
     shown = np.array([round_sig(s, digits) if np.isfinite(s) else -np.inf for s in scores])
     low = np.where(np.isnan(low), shown, low)
     high = np.where(np.isnan(high), shown, high)
-    better = (shown[None, :] > shown[:, None]) & (low[None, :] > high[:, None])
-    return 1 + better.sum(axis=1)
+    ranks = np.zeros(len(scores), dtype=int)
+    leader = -1
+    for position, j in enumerate(np.argsort(-shown, kind="stable")):
+        if leader < 0 or (shown[j] < shown[leader] and high[j] < low[leader]):
+            leader, rank = j, position + 1
+        ranks[j] = rank
+    return ranks
