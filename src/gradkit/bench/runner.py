@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from gradkit.bench.diagnostics import Diagnoser
 from gradkit.bench.optimizers import OptimizerSpec, resolve_optimizer
-from gradkit.bench.records import CurvePoint, TrialOutcome
+from gradkit.bench.records import CurvePoint, Diagnostic, TrialOutcome
 from gradkit.bench.workloads import Workload, reached, resolve_workload
 
 #: A training loss above ``EXPLODE_FACTOR * (|initial loss| + 1)`` counts as divergence.
@@ -44,6 +45,8 @@ class TrialTask:
     seed: int
     phase: str
     index: int
+    device: str = "cpu"
+    diagnose: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,7 +87,8 @@ def run_task(task: TrialTask) -> TrialOutcome:
         spec = resolve_optimizer(task.optimizer)
     except Exception as exc:  # e.g. a user module that imports in the parent but not here
         return TrialOutcome("failed", error=f"{type(exc).__name__}: {exc}"[:500])
-    return run_trial(workload, spec, json.loads(task.hparams), task.seed)
+    return run_trial(workload, spec, json.loads(task.hparams), task.seed, device=task.device,
+                     diagnose=task.diagnose)
 
 
 def _evaluate(problem: Any, split: str) -> tuple[float, float]:
@@ -97,20 +101,39 @@ def _evaluate(problem: Any, split: str) -> tuple[float, float]:
     return float(loss), float(metric)
 
 
+def _to_device(problem: Any, device: str, name: str) -> None:
+    move = getattr(problem, "to", None)
+    if not callable(move):
+        raise RuntimeError(f"workload {name!r} cannot run on {device}: its Problem has no "
+                           "to(device) method")
+    move(torch.device(device))
+
+
 def run_trial(workload: Workload, spec: OptimizerSpec, hparams: dict[str, Any],
-              seed: int) -> TrialOutcome:
+              seed: int, *, device: str = "cpu", diagnose: tuple[str, ...] = ()
+              ) -> TrialOutcome:
     """Train ``workload`` with ``spec`` at ``hparams`` and ``seed``; return its outcome.
 
     ``steps_to_target`` / ``seconds_to_target`` are ``None`` when the target was not reached;
     ``curve`` has a :class:`CurvePoint` at step 0, every ``eval_every`` steps and the end.
+    ``device`` other than ``"cpu"`` moves the problem there (``Problem.to(device)``);
+    ``diagnose`` names instruments read at evaluation points, untimed (see
+    :mod:`gradkit.bench.diagnostics`).
     """
     curve: list[CurvePoint] = []
     seconds, step, window = 0.0, 0, []
     hit: tuple[int, float] | None = None
+    diagnoser: Diagnoser | None = None
+    readings: list[Diagnostic] = []
+    cuda = device.startswith("cuda")
     try:
         torch.manual_seed(seed)
         problem = workload.setup(seed)
+        if device != "cpu":
+            _to_device(problem, device, workload.name)
         optimizer = spec.build(problem.model, hparams)
+        if diagnose:
+            diagnoser = Diagnoser(diagnose, problem, readings)
         limit = math.inf
 
         def check(train_loss: float | None) -> bool:
@@ -121,6 +144,8 @@ def run_trial(workload: Workload, spec: OptimizerSpec, hparams: dict[str, Any],
                 return False
             if hit is None and reached(val_metric, workload.target, workload.higher_is_better):
                 hit = (step, seconds)
+            if diagnoser is not None:
+                diagnoser.measure(step)
             return True
 
         check(None)
@@ -134,24 +159,31 @@ def run_trial(workload: Workload, spec: OptimizerSpec, hparams: dict[str, Any],
                 holder.append(loss)
                 return loss
 
+            evaluates = step % workload.eval_every == 0 or step == workload.steps
+            if diagnoser is not None:
+                diagnoser.before_step(evaluates)
             start = time.perf_counter()
             optimizer.step(closure)
+            if cuda:
+                torch.cuda.synchronize()
             loss_value = float(holder[0].detach()) if holder else math.nan
             seconds += time.perf_counter() - start
             if step == 1:
                 limit = EXPLODE_FACTOR * (abs(loss_value) + 1.0)
             window.append(loss_value)
             if not math.isfinite(loss_value) or loss_value > limit:
-                return _diverged(curve, step, seconds, hit, f"training loss {loss_value:g}")
-            if step % workload.eval_every == 0 or step == workload.steps:
+                return _diverged(curve, step, seconds, hit, f"training loss {loss_value:g}",
+                                 readings)
+            if evaluates:
                 if not check(sum(window) / len(window)):
-                    return _diverged(curve, step, seconds, hit, "non-finite evaluation")
+                    return _diverged(curve, step, seconds, hit, "non-finite evaluation",
+                                     readings)
                 window = []
         test_loss, test_metric = _evaluate(problem, "test")
     except Exception as exc:
         return TrialOutcome("failed", error=f"{type(exc).__name__}: {exc}"[:500],
                             curve=tuple(curve), steps_done=max(step - 1, 0),
-                            train_seconds=seconds)
+                            train_seconds=seconds, diagnostics=tuple(readings))
     last = curve[-1]
     return TrialOutcome(
         "ok",
@@ -161,6 +193,7 @@ def run_trial(workload: Workload, spec: OptimizerSpec, hparams: dict[str, Any],
         final_val_metric=last.val_metric,
         final_test_loss=_finite(test_loss), final_test_metric=_finite(test_metric),
         train_seconds=seconds, steps_done=workload.steps, curve=tuple(curve),
+        diagnostics=tuple(readings),
     )
 
 
@@ -169,13 +202,14 @@ def _finite(value: float) -> float | None:
 
 
 def _diverged(curve: list[CurvePoint], step: int, seconds: float, hit: Any,
-              why: str) -> TrialOutcome:
+              why: str, readings: list[Diagnostic]) -> TrialOutcome:
     # A divergence after reaching the target still counts as reaching it at that time
     # (AlgoPerf stops at the target); the final metrics are undefined.
     return TrialOutcome(
         "diverged", divergence=f"diverged at step {step}: {why}",
         steps_to_target=hit[0] if hit else None, seconds_to_target=hit[1] if hit else None,
         steps_done=step, train_seconds=seconds, curve=_finite_curve(curve),
+        diagnostics=tuple(readings),
     )
 
 

@@ -21,6 +21,7 @@ that is not a gradkit database of this schema version, with one line (a
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 from collections.abc import Iterable
 from dataclasses import fields
@@ -154,13 +155,36 @@ class Store:
         self.conn.close()
 
     # ------------------------------------------------------------------ writing
+    def check_same_run(self, suite: str, version: str, arguments: dict[str, Any]) -> None:
+        """UsageError if this database holds a run of ``suite`` made with other arguments.
+
+        A database holds one run per suite version, so its report never mixes trials of
+        different protocols (e.g. ``--trials 8`` then ``--trials 2``).
+        """
+        stored = self.meta(f"run:{suite}:{version}")
+        if stored is None:
+            return
+        old = json.loads(stored)
+        if old == arguments:
+            return
+        raise UsageError(
+            f"{str(self.path)!r} holds a run of suite {suite!r} made with other arguments "
+            f"({_differences(old, arguments)}); rerun with the same arguments to resume it, "
+            "or choose another --out (or --db)")
+
     def declare(self, suite: str, version: str, workloads: list[tuple[str, str, dict]],
-                studies: list[dict[str, Any]], notes: list[str]) -> None:
-        """Record what a run is about to do (workloads, studies, notes) in one transaction.
+                studies: list[dict[str, Any]], notes: list[str],
+                arguments: dict[str, Any] | None = None) -> None:
+        """Record what a run is about to do (workloads, studies, notes, its ``arguments``
+        for :meth:`check_same_run`) in one transaction.
 
         Notes of the suite version are replaced (they describe the latest run).
         """
         with self.conn:
+            if arguments is not None:
+                self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                  (f"run:{suite}:{version}",
+                                   json.dumps(arguments, sort_keys=True)))
             for position, (name, spec, info) in enumerate(workloads):
                 self.conn.execute(
                     "INSERT OR REPLACE INTO workloads VALUES (?,?,?,?,?,?)",
@@ -255,6 +279,65 @@ class Store:
                 (key,))
             out[key] = [Diagnostic(*r) for r in rows]
         return out
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """``"trials 4 -> 2; optimizers +lion, -sgd"``: what a rerun changed, briefly."""
+    parts = []
+    for field in sorted(set(old) | set(new)):
+        a, b = old.get(field), new.get(field)
+        if a == b:
+            continue
+        if isinstance(a, list) and a and isinstance(a[0], dict):
+            names_a = {x["name"]: x for x in a}
+            names_b = {x["name"]: x for x in b or []}
+            added = [n for n in names_b if n not in names_a]
+            removed = [n for n in names_a if n not in names_b]
+            changed = [n for n in names_b if n in names_a and names_a[n] != names_b[n]]
+            items = [f"+{n}" for n in added] + [f"-{n}" for n in removed] + \
+                [f"{n} changed" for n in changed]
+            parts.append(f"{field} {', '.join(items) or 'reordered'}")
+        else:
+            parts.append(f"{field} {json.dumps(a)} -> {json.dumps(b)}")
+    return "; ".join(parts)
+
+
+class RunLock:
+    """An exclusive ``fcntl`` lock on ``DB.lock`` for the duration of a run.
+
+    A second ``gradkit bench`` on the same database is refused (UsageError naming the pid
+    holding it) instead of interleaving with the first. The lock file is left in place
+    (deleting it would race with a process about to lock it); the kernel drops the lock when
+    the holder exits, even after ``kill -9``. No-op where ``fcntl`` does not exist.
+    """
+
+    def __init__(self, db: Path):
+        self.path = db.with_name(db.name + ".lock")
+        self.fd: int | None = None
+
+    def __enter__(self) -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return self
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"another gradkit bench (pid {holder}) is running on "
+                             f"{str(self.path.with_suffix(''))!r}; wait for it to finish or "
+                             "choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock
+            self.fd = None
 
 
 def _connect(path: Path, uri: str) -> sqlite3.Connection:
