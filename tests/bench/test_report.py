@@ -378,3 +378,13 @@ def test_gradkit_report_runs_without_importing_torch(tmp_path):
                  "diagnostics.csv", "leaderboard.csv"):
         assert (out / name).stat().st_size > 0, name
     assert "mine ranks first" in done.stdout
+
+
+def test_signed_readings_with_outliers_get_a_symlog_axis():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    fig, ax = plt.subplots()
+    plots._log_scale(ax, [10.0, -20.0, 30.0, 8e5, 12.0])  # a noise scale can be < 0
+    assert ax.get_yscale() == "symlog"
+    plots._log_scale(ax2 := fig.add_subplot(2, 1, 2), [0.01, 0.5, 3.0])
+    assert ax2.get_yscale() == "log"
+    plt.close(fig)

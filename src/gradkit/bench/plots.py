@@ -261,7 +261,8 @@ def diagnostics(a: Analysis, workload: dict[str, Any], readings: Readings,
     sty = styles(a)
     ncols = min(len(names), 2)
     nrows = (len(names) + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.2 * nrows), squeeze=False,
+                             layout="constrained")
     legend: dict[str, Any] = {}
     for ax, name in zip(axes.flat, names):
         measured: list[float] = []
@@ -290,7 +291,7 @@ def diagnostics(a: Analysis, workload: dict[str, Any], readings: Readings,
             ax.set_ylabel("sharpness / (2/η)")
         else:
             ax.set_ylabel(name)
-        _log_if_positive(ax, measured)
+        _log_scale(ax, measured)
         ax.set_title(f"{workload['name']}: {name}", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -302,6 +303,19 @@ def diagnostics(a: Analysis, workload: dict[str, Any], readings: Readings,
     _plotting.legend_outside(axes[0, -1], list(legend.values()), list(legend))
     _save(fig, path)
     return True
+
+
+def _log_scale(ax: Any, data: list[float]) -> None:
+    """Log scale for positive data over a wide range, symlog for signed data with outliers
+    (the noise-scale estimate can be negative and spike when the mean gradient is small)."""
+    values = np.asarray([v for v in data if v is not None], dtype=float)
+    values = np.abs(values[np.isfinite(values)])
+    if len(values) and not np.all(np.asarray(data, dtype=float) > 0):
+        typical = float(np.median(values))
+        if typical > 0 and values.max() / typical > 100:
+            ax.set_yscale("symlog", linthresh=typical)
+        return
+    _log_if_positive(ax, data)
 
 
 def _log_if_positive(ax: Any, data: list[float]) -> None:
