@@ -385,3 +385,15 @@ def test_cli_and_store_do_not_import_torch():
                           env={**os.environ, "PYTHONPATH": str(root / "src")}, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_output_folder_with_uri_characters_resumes(tmp_path):
+    out = tmp_path / "runs #1?x=%41"
+    argv = [*TINY, "--workload", "quadratic", "--no-report", "--out", str(out)]
+    code, stdout, stderr = run_cli(*argv)
+    assert code == 0 and "ran 8 (8 ok), 0 already finished" in stdout, stderr
+    code, stdout, stderr = run_cli(*argv)
+    assert code == 0 and "ran 0 (none), 8 already finished" in stdout, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    code, stdout, stderr = run_cli("report", str(out))
+    assert code == 0 and (out / "report" / "index.html").exists(), stderr

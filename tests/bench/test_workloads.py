@@ -105,7 +105,7 @@ def test_char_lm_trains_on_the_text_shipped_with_scikit_learn():
 
     text = corpus()
     assert len(text) > 20_000 and "Iris" in text  # real English prose, read offline
-    workload = resolve_workload("char-lm", {"steps": 40, "eval_every": 20})
+    workload = resolve_workload("char-lm", {"steps": 20, "eval_every": 10})
     assert hashlib.sha256(text.encode()).hexdigest()[:12] in workload.description
     arrays = workload.setup(0).arrays
     assert torch.equal(arrays.y_train[0, :-1], arrays.x_train[0, 1:])  # next character
