@@ -287,7 +287,10 @@ def test_report_errors(tmp_path):
                         "no results database")
     junk = tmp_path / "junk.sqlite"
     junk.write_text("junk" * 100)
-    _assert_usage_error(tmp_path, ["report", str(junk)], "not a gradkit results")
+    _assert_names_only_real_options(
+        _assert_usage_error(tmp_path, ["report", str(junk)], "not a gradkit results"))
+    _assert_usage_error(tmp_path, ["report", str(tmp_path)], "no results database")  # folder
+    _assert_usage_error(tmp_path, ["report", ""], "must not be empty")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed")
