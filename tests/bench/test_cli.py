@@ -287,7 +287,10 @@ def test_report_errors(tmp_path):
                         "no results database")
     junk = tmp_path / "junk.sqlite"
     junk.write_text("junk" * 100)
-    _assert_usage_error(tmp_path, ["report", str(junk)], "not a gradkit results")
+    _assert_names_only_real_options(
+        _assert_usage_error(tmp_path, ["report", str(junk)], "not a gradkit results"))
+    _assert_usage_error(tmp_path, ["report", str(tmp_path)], "no results database")  # folder
+    _assert_usage_error(tmp_path, ["report", ""], "must not be empty")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is not None, reason="ray is installed")
@@ -308,3 +311,92 @@ def test_ray_backend_on_a_local_instance(tiny_run, tmp_path):
 def test_list():
     code, stdout, _ = run_cli("bench", "--list")
     assert code == 0 and "quick" in stdout and "cnn" in stdout and "muon" in stdout
+
+
+def test_diagnose_fills_the_diagnostics_table_and_changes_no_score(tiny_run, tmp_path):
+    out = tmp_path / "diag"
+    code, _, stderr = run_cli(*TINY, "--out", str(out), "--diagnose",
+                              "grad_norm,sharpness,update_ratio,noise_scale")
+    assert code == 0, stderr
+    # same trials (keys), same outcomes, same report (step-based columns) as without it
+    assert report_content(out / "report") == report_content(tiny_run[0] / "report")
+    plain, diag = tiny_run[0] / "results.sqlite", out / "results.sqlite"
+    query = ("SELECT key, status, steps_to_target, final_val_metric, final_test_metric "
+             "FROM trials ORDER BY key")
+    with sqlite3.connect(plain) as a, sqlite3.connect(diag) as b:
+        assert a.execute(query).fetchall() == b.execute(query).fetchall()
+        assert a.execute("SELECT COUNT(*) FROM diagnostics").fetchone() == (0,)
+        rows = b.execute("SELECT t.workload, d.name, d.step, d.value FROM diagnostics d "
+                         "JOIN trials t ON t.key = d.key").fetchall()
+    by_name = {}
+    for workload, name, step, value in rows:
+        assert workload == "logreg"  # the quadratic's Problem has no probe(): no readings
+        by_name.setdefault(name, []).append((step, value))
+    assert set(by_name) == {"grad_norm", "sharpness", "update_ratio", "noise_scale"}
+    assert all(v is not None and v > 0 for name in ("grad_norm", "sharpness", "update_ratio")
+               for _, v in by_name[name])
+    assert min(s for s, _ in by_name["grad_norm"]) == 0
+    assert min(s for s, _ in by_name["update_ratio"]) > 0  # no update before step 1
+
+
+_LAUNCHER = """\
+import sys
+from gradkit.cli import main
+if __name__ == "__main__":  # as in the console script pip writes
+    sys.exit(main())
+"""
+
+
+def _readme_files():
+    """The ``# mypkg/...`` Python blocks of the README's 'Your own model and optimizer'."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(# (mypkg/[\w/]+\.py)\n.*?)```", text, flags=re.S)
+    return {path: body for body, path in blocks}
+
+
+def test_readme_user_optimizer_and_workload_run_from_the_users_directory(tmp_path):
+    files = _readme_files()
+    assert {"mypkg/optim.py", "mypkg/tasks.py"} <= set(files)
+    project = tmp_path / "project"
+    (project / "mypkg").mkdir(parents=True)
+    (project / "mypkg" / "__init__.py").write_text("")
+    for path, body in files.items():
+        (project / path).write_text(body)
+    launcher = tmp_path / "bin" / "gradkit"  # like the console script: not in the project
+    launcher.parent.mkdir()
+    launcher.write_text(_LAUNCHER)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+    done = subprocess.run(
+        [sys.executable, str(launcher), "bench", "--suite", "tiny", "--trials", "1",
+         "--seeds", "1", "--jobs", "1", "--quiet", "--no-report",
+         "--optimizer", "mypkg.optim:MyOptimizer", "--optimizer", "adamw:weight_decay=0.1",
+         "--workload", "mypkg.tasks:make_workload"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ran 4 (4 ok)" in done.stdout, done.stdout
+    assert (project / "gradkit-bench" / "results.sqlite").exists()
+
+
+def test_cli_and_store_do_not_import_torch():
+    code = ("import sys\n"
+            "import gradkit.cli, gradkit.bench.cli, gradkit.bench.store, gradkit.bench.records\n"
+            "gradkit.cli.build_parser()\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root / "src")}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_output_folder_with_uri_characters_resumes(tmp_path):
+    out = tmp_path / "runs #1?x=%41"
+    argv = [*TINY, "--workload", "quadratic", "--no-report", "--out", str(out)]
+    code, stdout, stderr = run_cli(*argv)
+    assert code == 0 and "ran 8 (8 ok), 0 already finished" in stdout, stderr
+    code, stdout, stderr = run_cli(*argv)
+    assert code == 0 and "ran 0 (none), 8 already finished" in stdout, stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+    code, stdout, stderr = run_cli("report", str(out))
+    assert code == 0 and (out / "report" / "index.html").exists(), stderr

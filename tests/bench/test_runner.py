@@ -139,3 +139,36 @@ def test_store_refuses_a_foreign_file(tmp_path):
         Store.open_existing(other)
     with pytest.raises(UsageError, match="no results database"):
         Store.open_existing(tmp_path / "missing.sqlite")
+
+
+def test_device_moves_every_builtin_problem_through_its_to_method():
+    from gradkit.bench.workloads import BUILTIN
+
+    small = {"transformer": {"p": 7, "d_model": 8, "heads": 2, "d_mlp": 16}}
+    for name in BUILTIN:
+        workload = resolve_workload(name, {**small.get(name, {}), "steps": 2, "eval_every": 1})
+        # "cpu:0" is not "cpu": the trial goes through Problem.to(device) as with "cuda"
+        out = run_trial(workload, _spec("sgd"), {"lr": 1e-3}, seed=0, device="cpu:0")
+        assert out.status == "ok", (name, out.error)
+
+
+class _NoTo:
+    """A workload whose Problem has no ``to`` (the protocol makes it optional)."""
+
+    name, metric, higher_is_better, target = "no-to", "loss", False, 0.0
+    steps, batch_size, eval_every = 2, 1, 1
+
+    def setup(self, seed):
+        inner = resolve_workload("quadratic", QUAD).setup(seed)
+        problem = type("P", (), {})()
+        problem.model, problem.train_loss, problem.evaluate = (
+            inner.model, inner.train_loss, inner.evaluate)
+        return problem
+
+
+def test_a_problem_without_to_fails_on_another_device_with_a_clear_error():
+    out = run_trial(_NoTo(), _spec("sgd"), {"lr": 0.1}, seed=0, device="cpu:0")
+    assert out.status == "failed"
+    assert out.error == ("RuntimeError: workload 'no-to' cannot run on cpu:0: its Problem has "
+                         "no to(device) method")
+    assert run_trial(_NoTo(), _spec("sgd"), {"lr": 0.1}, seed=0).status == "ok"

@@ -54,8 +54,9 @@ def worker_main(conn: Any, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
     os.environ["OMP_NUM_THREADS"] = "1"
-    from gradkit.bench.runner import run_task
+    from gradkit.bench.runner import run_task, warm_up
 
+    warm_up()  # torch's lazy imports, before any trial's clock (--trial-timeout) starts
     conn.send("ready")
     while True:
         try:

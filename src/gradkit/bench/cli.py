@@ -90,7 +90,7 @@ def add_subcommands(subparsers) -> None:
                        default=DEFAULT_TRIAL_TIMEOUT,
                        help="a trial still running after this many seconds is stopped and "
                             f"recorded as failed (default: {DEFAULT_TRIAL_TIMEOUT:g}; 0: no "
-                            "limit)")
+                            "limit; local backend only)")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                        help="where trials train (default: cpu; cuda needs a CUDA build of "
                             "torch and a GPU)")
