@@ -90,3 +90,36 @@ def broken_factory():
 
 
 not_a_workload = object()
+
+
+class Hanging(torch.optim.Optimizer):
+    """Never returns from step (a user optimizer stuck in a loop)."""
+
+    def __init__(self, params, lr: float = 0.1):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        while True:
+            time.sleep(0.05)
+
+
+class KillsItsProcess(torch.optim.Optimizer):
+    """Ends its process at the first step, as a segfault or an out-of-memory kill would."""
+
+    def __init__(self, params, lr: float = 0.1):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        os._exit(3)
+
+
+class Segfaults(torch.optim.Optimizer):
+    """Dereferences a null pointer at the first step (SIGSEGV)."""
+
+    def __init__(self, params, lr: float = 0.1):
+        super().__init__(params, {"lr": lr})
+
+    def step(self, closure=None):
+        import ctypes
+
+        ctypes.string_at(0)

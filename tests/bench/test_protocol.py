@@ -8,6 +8,7 @@ from torch import nn
 
 from gradkit.bench import optimizers as bopt
 from gradkit.bench.protocol import select
+from gradkit.bench.records import TrialRecord
 from gradkit.bench.runner import trial_key
 from gradkit.bench.search import LogUniform, sample, unit_points
 from gradkit.errors import UsageError
@@ -88,17 +89,18 @@ def test_muon_spec_splits_params_and_ties_aux_lr():
 
 
 def _row(index, status="ok", steps=None, val=None):
-    return {"trial_index": index, "status": status, "steps_to_target": steps,
-            "final_val_metric": val}
+    return TrialRecord(status=status, steps_to_target=steps, final_val_metric=val,
+                       key=f"k{index}", suite="s", version="1", workload="w", optimizer="o",
+                       hparams={}, seed=0, phase="tune", trial_index=index)
 
 
 def test_selection_order():
     rows = [_row(0, steps=None, val=0.99), _row(1, steps=40, val=0.90), _row(2, steps=30,
             val=0.80, status="diverged"), _row(3, steps=40, val=0.95)]
-    assert select(rows, higher_is_better=True)["trial_index"] == 3  # fastest ok, then best val
+    assert select(rows, higher_is_better=True).trial_index == 3  # fastest ok, then best val
     rows = [_row(0, val=0.5), _row(1, val=0.2), _row(2, status="failed")]
-    assert select(rows, higher_is_better=False)["trial_index"] == 1  # all missed: best val
-    assert select([_row(1, val=0.3), _row(0, val=0.3)], True)["trial_index"] == 0
+    assert select(rows, higher_is_better=False).trial_index == 1  # all missed: best val
+    assert select([_row(1, val=0.3), _row(0, val=0.3)], True).trial_index == 0
 
 
 def test_trial_key_is_stable_and_sensitive():

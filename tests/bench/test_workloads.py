@@ -94,3 +94,23 @@ def test_user_workload_by_module_attr_and_bad_specs():
     ]:
         with pytest.raises(UsageError, match=message):
             resolve_workload(spec)
+
+
+def test_char_lm_trains_on_the_text_shipped_with_scikit_learn():
+    import hashlib
+
+    from gradkit.bench.optimizers import resolve_optimizer
+    from gradkit.bench.runner import run_trial
+    from gradkit.bench.workloads.text import corpus
+
+    text = corpus()
+    assert len(text) > 20_000 and "Iris" in text  # real English prose, read offline
+    workload = resolve_workload("char-lm", {"steps": 20, "eval_every": 10})
+    assert hashlib.sha256(text.encode()).hexdigest()[:12] in workload.description
+    arrays = workload.setup(0).arrays
+    assert torch.equal(arrays.y_train[0, :-1], arrays.x_train[0, 1:])  # next character
+    decoded = "".join(workload.vocab[i] for i in arrays.x_train[0].tolist())
+    assert decoded == text[: workload.context]
+    out = run_trial(workload, resolve_optimizer("adam"), {"lr": 1e-2}, seed=0)
+    assert out.status == "ok"
+    assert out.curve[-1].val_metric < out.curve[0].val_metric - 1.0  # bits/char fall

@@ -18,18 +18,49 @@ _T0 = time.perf_counter()  # imported by the dispatcher at start-up: wall time i
 DEFAULT_OUT = "gradkit-bench"
 
 
-def _int_at_least(minimum: int):
+#: Upper bounds of the numeric options (checked before anything is allocated or spawned).
+MAX_TRIALS, MAX_SEEDS = 1000, 100
+MAX_JOBS = 256
+DEFAULT_TRIAL_TIMEOUT = 900.0
+
+
+def _int_between(minimum: int, maximum: int):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        if not minimum <= value <= maximum:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {minimum} to {maximum}, got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer in [{minimum}, {maximum}]"
     return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not (value >= 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+_OPTIMIZER_HELP = """\
+optimizer(s) instead of the default set (repeatable): a registry name (see --list) or
+package.module:Class, optionally followed by :SETTINGS, comma-separated NAME=VALUE (fixed in
+every trial) or NAME=LOW..HIGH (searched log-uniformly instead of the declared range), e.g.
+adamw:weight_decay=0.1, 'adamw:lr=1e-4..1e-1,weight_decay=0.01', mypkg.optim:MyOpt:lr=0.01.
+Modules are imported from the current directory first, as 'python -m' does."""
 
 
 def add_subcommands(subparsers) -> None:
@@ -40,24 +71,43 @@ def add_subcommands(subparsers) -> None:
                     "SQLite database; rerunning the same command resumes.")
     bench.add_argument("--suite", default="quick", help="quick (default), full or tiny")
     bench.add_argument("--workload", action="append", metavar="NAME|module:factory",
-                       help="workload(s) to run instead of the suite's (repeatable)")
-    bench.add_argument("--optimizer", action="append", metavar="NAME|module:Class",
-                       help="optimizer(s) instead of the default set (repeatable)")
-    bench.add_argument("--trials", type=_int_at_least(0), metavar="N",
+                       help="workload(s) to run instead of the suite's (repeatable); "
+                            "package.module:factory is imported from the current directory "
+                            "first (see the README for the workload protocol)")
+    bench.add_argument("--optimizer", action="append", metavar="NAME[:SETTINGS]",
+                       help=_OPTIMIZER_HELP)
+    bench.add_argument("--trials", type=_int_between(0, MAX_TRIALS), metavar="N",
                        help="quasi-random tuning trials per study besides the defaults "
-                            "(default: the suite's)")
-    bench.add_argument("--seeds", type=_int_at_least(1), metavar="N",
-                       help="seeds for the selected configuration (default: the suite's)")
-    bench.add_argument("--jobs", type=_int_at_least(1), metavar="N",
+                            f"(default: the suite's; at most {MAX_TRIALS})")
+    bench.add_argument("--seeds", type=_int_between(1, MAX_SEEDS), metavar="N",
+                       help="seeds for the selected configuration (default: the suite's; "
+                            f"at most {MAX_SEEDS})")
+    bench.add_argument("--jobs", type=_int_between(1, MAX_JOBS), metavar="N",
                        default=min(os.cpu_count() or 1, 8),
-                       help="parallel worker processes (default: number of CPUs, at most 8)")
+                       help="parallel worker processes (default: number of CPUs, at most 8; "
+                            "no more than 4 per CPU)")
+    bench.add_argument("--trial-timeout", type=_seconds, metavar="SECONDS",
+                       default=DEFAULT_TRIAL_TIMEOUT,
+                       help="a trial still running after this many seconds is stopped and "
+                            f"recorded as failed (default: {DEFAULT_TRIAL_TIMEOUT:g}; 0: no "
+                            "limit; local backend only)")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="where trials train (default: cpu; cuda needs a CUDA build of "
+                            "torch and a GPU)")
+    bench.add_argument("--diagnose", metavar="NAMES",
+                       help="comma-separated instruments read at every evaluation point, "
+                            "untimed, into the database's diagnostics table: grad_norm, "
+                            "sharpness, update_ratio, noise_scale (scores do not change)")
+    bench.add_argument("--in-process", action="store_true",
+                       help="run trials in this process, one at a time (for debugging: no "
+                            "trial timeout, and a trial that kills its process ends the run)")
     bench.add_argument("--backend", choices=("local", "ray"), default="local",
                        help="local processes (default) or a Ray cluster (gradkit[ray])")
     bench.add_argument("--ray-address", metavar="ADDR",
                        help="ray.init(address=...) for --backend ray (default: local Ray)")
-    bench.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+    bench.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", type=_path,
                        help=f"output directory (default: ./{DEFAULT_OUT})")
-    bench.add_argument("--db", metavar="PATH",
+    bench.add_argument("--db", metavar="PATH", type=_path,
                        help="results database (default: OUT/results.sqlite)")
     bench.add_argument("--resume", action="store_true",
                        help="require an existing database and complete it (rerunning without "
@@ -71,15 +121,21 @@ def add_subcommands(subparsers) -> None:
     report = subparsers.add_parser(
         "report", help="write the HTML/CSV report of a results database",
         description="Static HTML report (PNG plots) and CSV export of a gradkit bench database.")
-    report.add_argument("db", metavar="DB", help="results database written by 'gradkit bench'")
-    report.add_argument("--out", metavar="DIR", help="output directory (default: DB's dir/report)")
+    report.add_argument("db", metavar="DB", type=_path,
+                        help="results database written by 'gradkit bench', or the folder "
+                             "holding it (e.g. gradkit-bench)")
+    report.add_argument("--out", metavar="DIR", type=_path,
+                        help="output directory (default: DB's folder/report)")
     report.add_argument("--suite", help="suite to report (default: the latest run in DB)")
     report.set_defaults(handler=report_command)
 
 
 # ---------------------------------------------------------------------------- validation
-def check_writable(path: Path, *, directory: bool) -> None:
-    """UsageError unless ``path`` can be created/written; leaves nothing behind."""
+def check_writable(path: Path, *, directory: bool, option: str) -> None:
+    """UsageError unless ``path`` can be created/written; leaves nothing behind.
+
+    ``option`` is the command-line option that chose ``path`` (named in the message).
+    """
     from gradkit.errors import UsageError
 
     path = Path(os.path.abspath(path))
@@ -101,7 +157,7 @@ def check_writable(path: Path, *, directory: bool) -> None:
         os.unlink(name)
     except OSError as exc:
         raise UsageError(f"{what} {str(path)!r} is not writable ({exc.strerror}); choose "
-                         "another with --out/--db") from None
+                         f"another with {option}") from None
 
 
 def _resolve_inputs(args):
@@ -122,7 +178,8 @@ def _resolve_inputs(args):
     entries = []
     for spec in args.workload or suite.workloads:
         overrides = {} if ":" in spec else suite.overrides.get(spec, {})
-        entries.append(WorkloadEntry(spec, overrides, resolve_workload(spec, overrides)))
+        entries.append(WorkloadEntry(spec, overrides, resolve_workload(spec, overrides),
+                                     args.device))
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise UsageError(f"workload names must be distinct, got {', '.join(names)}")
@@ -158,12 +215,49 @@ def _list_everything() -> int:
 
 
 # ------------------------------------------------------------------------------- commands
+def _import_from_cwd() -> None:
+    """Let ``package.module:attr`` resolve from the current directory, as ``python -m`` does
+    (the ``gradkit`` console script's ``sys.path`` starts with its own bin directory).
+    Spawned workers inherit ``sys.path``."""
+    import sys
+
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def _check_jobs(args) -> None:
+    from gradkit.errors import UsageError
+
+    cpus = os.cpu_count() or 1
+    if args.backend == "local" and args.jobs > 4 * cpus:
+        raise UsageError(f"--jobs {args.jobs} is more than 4 worker processes per CPU "
+                         f"({cpus} CPUs here); use at most --jobs {4 * cpus}")
+
+
+def _check_device(device: str) -> None:
+    from gradkit.errors import UsageError
+
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device (torch "
+                             f"{torch.__version__}, torch.cuda.is_available() is False); "
+                             "use --device cpu")
+
+
 def bench_command(args) -> int:
     if args.list:
         return _list_everything()
     from gradkit.errors import UsageError
 
+    _import_from_cwd()
+    _check_jobs(args)
+    if args.in_process and args.backend == "ray":
+        raise UsageError("--in-process and --backend ray exclude each other")
     suite, entries, optimizers, notes = _resolve_inputs(args)
+    _check_device(args.device)
     if args.backend == "ray":
         from gradkit.bench.executors import check_ray_available
 
@@ -172,65 +266,99 @@ def bench_command(args) -> int:
         raise UsageError("--ray-address needs --backend ray")
     out = Path(args.out)
     db = Path(args.db) if args.db else out / "results.sqlite"
-    check_writable(out, directory=True)
-    check_writable(db, directory=False)
+    check_writable(out, directory=True, option="--out")
+    check_writable(db, directory=False, option="--db" if args.db else "--out")
+    from gradkit.bench.protocol import build_studies, run_arguments
     from gradkit.bench.store import Store
 
+    diagnose: tuple[str, ...] = ()
+    if args.diagnose is not None:
+        from gradkit.bench.diagnostics import parse_names
+
+        diagnose = parse_names(args.diagnose)
+    studies = build_studies(suite, entries, optimizers, diagnose)
+    arguments = run_arguments(suite, entries, optimizers)
     if db.exists():
-        Store.open_existing(db).close()  # refuses a file that is not a gradkit database
+        store = Store.open_existing(db)  # refuses a file that is not a gradkit database
+        try:
+            store.check_same_run(suite.name, suite.version, arguments)
+        finally:
+            store.close()
     elif args.resume:
         raise UsageError(f"--resume: no database at {str(db)!r} to resume")
-    return _run(args, suite, entries, optimizers, notes, out, db)
+    return _run(args, suite, studies, arguments, notes, out, db)
 
 
-def _run(args, suite, entries, optimizers, notes, out: Path, db: Path) -> int:
+def _run(args, suite, studies, arguments, notes, out: Path, db: Path) -> int:
     import sys
 
     from gradkit.bench.executors import make_executor
     from gradkit.bench.orchestrate import WorkerError, run_studies
-    from gradkit.bench.protocol import build_studies
     from gradkit.bench.report import summary_text, write_report
-    from gradkit.bench.store import Store
+    from gradkit.bench.store import RunLock, Store
 
     out.mkdir(parents=True, exist_ok=True)
     db.parent.mkdir(parents=True, exist_ok=True)
-    store = Store(db)
-    studies = build_studies(suite, entries, optimizers)
-    store.declare(
-        suite.name, suite.version,
-        [(e.name, e.spec, e.identity()) for e in entries],
-        [{"workload": s.entry.name, "optimizer": s.optimizer.name,
-          "space": s.optimizer.describe_space(), "torch_baseline": s.optimizer.is_torch_baseline,
-          "n_trials": suite.n_trials, "seeds": list(suite.seeds)} for s in studies],
-        notes)
-    store.set_meta(f"environment:{suite.name}:{suite.version}", _environment(args))
-    if not args.quiet:
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-    executor = make_executor(args.backend, args.jobs, args.ray_address)
-    try:
-        stats = run_studies(store, suite, studies, executor, quiet=args.quiet)
-    except WorkerError as exc:
-        executor.abort()
-        print(f"gradkit bench: error: {exc}", file=sys.stderr)
-        return 1
-    except BaseException:
-        executor.abort()
-        raise
-    executor.close()
-    lines = []
-    if not args.no_report:
-        index, analysis = write_report(store, out / "report", suite.name)
-        lines.append(summary_text(analysis))
-        lines.append(f"\nreport: {index.resolve()} (CSV files alongside)")
-    store.close()
+    with RunLock(db):
+        store = Store.create(db)
+        try:
+            store.check_same_run(suite.name, suite.version, arguments)  # a racing run
+            store.declare(
+                suite.name, suite.version,
+                [(e["name"], e["spec"], e["identity"]) for e in arguments["workloads"]],
+                [{"workload": s.entry.name, "optimizer": s.optimizer.name,
+                  "space": s.optimizer.describe_space(),
+                  "torch_baseline": s.optimizer.is_torch_baseline,
+                  "n_trials": suite.n_trials, "seeds": list(suite.seeds)} for s in studies],
+                notes, arguments)
+            store.set_meta(f"environment:{suite.name}:{suite.version}", _environment(args))
+            if not args.quiet:
+                for note in notes:
+                    print(f"note: {note}", file=sys.stderr)
+
+            def header(to_run: int, finished: int) -> None:
+                if not args.quiet:
+                    print(f"gradkit bench: suite {suite.name} (version {suite.version}), "
+                          f"{len(arguments['workloads'])} workloads x "
+                          f"{len(arguments['optimizers'])} optimizers, "
+                          f"{suite.n_trials + 1} tuning trials + {len(suite.seeds) - 1} seed "
+                          f"reruns per study: {to_run} trials to run, {finished} already "
+                          f"finished; {_where(args)}; database {db.resolve()}", flush=True)
+
+            executor = make_executor(args.backend, args.jobs, args.ray_address,
+                                     trial_timeout=args.trial_timeout or None,
+                                     in_process=args.in_process)
+            try:
+                stats = run_studies(store, suite, studies, executor, quiet=args.quiet,
+                                    on_start=header)
+            except WorkerError as exc:
+                executor.abort()
+                print(f"gradkit bench: error: {exc}", file=sys.stderr)
+                return 1
+            except BaseException:
+                executor.abort()
+                raise
+            executor.close()
+            lines = []
+            if not args.no_report:
+                index, analysis = write_report(store, out / "report", suite.name)
+                lines.append(summary_text(analysis))
+                lines.append(f"\nreport: {index.resolve()} (CSV files alongside)")
+        finally:
+            store.close()
     statuses = ", ".join(f"{v} {k}" for k, v in sorted(stats.statuses.items())) or "none"
     lines.append(f"database: {db.resolve()}")
     lines.append(f"trials: ran {stats.ran} ({statuses}), {stats.skipped} already finished; "
-                 f"backend {args.backend}, jobs {args.jobs}")
+                 f"{_where(args)}")
     lines.append(f"wall time: {time.perf_counter() - _T0:.1f} s (including the report)")
     print("\n".join(lines))
     return 0
+
+
+def _where(args) -> str:
+    if args.in_process:
+        return f"in-process, device {args.device}"
+    return f"backend {args.backend}, jobs {args.jobs}, device {args.device}"
 
 
 def _environment(args) -> str:
@@ -243,8 +371,7 @@ def _environment(args) -> str:
 
     return (f"gradkit {__version__}, torch {torch.__version__}, Python "
             f"{platform.python_version()}, {platform.system()} {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, backend {args.backend}, jobs {args.jobs}, one torch thread "
-            "per worker")
+            f"{os.cpu_count()} CPUs, {_where(args)}, one torch thread per worker")
 
 
 def report_command(args) -> int:
@@ -252,11 +379,12 @@ def report_command(args) -> int:
     from gradkit.bench.store import Store
 
     db = Path(args.db)
-    Store.open_existing(db).close()  # checks it is a gradkit database
+    if db.is_dir():  # ``gradkit report gradkit-bench``: the database inside the folder
+        db = db / "results.sqlite"
     out = Path(args.out) if args.out else db.parent / "report"
-    check_writable(out, directory=True)
-    store = Store(db)
+    store = Store.open_existing(db)  # read-only: the report never writes into a database
     try:
+        check_writable(out, directory=True, option="--out")
         index, analysis = write_report(store, out, args.suite)
     finally:
         store.close()

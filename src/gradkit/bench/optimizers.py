@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -144,24 +144,131 @@ def registry_names() -> list[str]:
     return optim.available()
 
 
+def split_settings(source: str) -> tuple[str, str | None]:
+    """``"adamw:lr=1e-4..1e-1"`` -> ``("adamw", "lr=1e-4..1e-1")``; the settings part is the
+    text after the last colon when it contains ``=`` (``pkg.mod:Class:wd=0.1`` works too)."""
+    head, sep, tail = source.rpartition(":")
+    if sep and "=" in tail:
+        return head, tail
+    return source, None
+
+
+def parse_settings(text: str, origin: str) -> tuple[dict[str, Any], dict[str, LogUniform]]:
+    """``"weight_decay=0.1,lr=1e-4..1e-1"`` -> (fixed values, log-uniform search ranges).
+
+    A value is a number, ``true``/``false``, or ``LOW..HIGH`` (searched log-uniformly).
+    """
+    fixed: dict[str, Any] = {}
+    search: dict[str, LogUniform] = {}
+    for item in text.split(","):
+        name, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not name.isidentifier() or not value:
+            raise UsageError(f"optimizer {origin!r}: malformed setting {item.strip()!r}; expected "
+                             "NAME=VALUE or NAME=LOW..HIGH, comma-separated")
+        if name in fixed or name in search:
+            raise UsageError(f"optimizer {origin!r}: {name!r} is set twice")
+        if ".." in value:
+            low, high = (_number(v, origin, name) for v in value.split("..", 1))
+            try:
+                search[name] = LogUniform(float(low), float(high))
+            except ValueError:
+                raise UsageError(f"optimizer {origin!r}: {name}={value} must be a range "
+                                 "0 < LOW <= HIGH (searched log-uniformly)") from None
+        elif value.lower() in ("true", "false"):
+            fixed[name] = value.lower() == "true"
+        else:
+            fixed[name] = _number(value, origin, name)
+    return fixed, search
+
+
+def _number(text: str, origin: str, name: str) -> int | float:
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError(f"optimizer {origin!r}: {name}={text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UsageError(f"optimizer {origin!r}: {name}={text!r} must be finite")
+    return value
+
+
+def _accepted(factory: Callable[..., Any]) -> set[str] | None:
+    """Keyword names the optimizer's constructor accepts (None: anything, via **kwargs)."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.name != "params"}
+
+
+def _with_settings(spec: OptimizerSpec, settings: str, source: str) -> OptimizerSpec:
+    """``spec`` with command-line settings: fixed values replace searched ones and vice versa."""
+    fixed, search = parse_settings(settings, source)
+    accepted = _accepted(spec.factory)
+    if accepted is not None:
+        unknown = sorted((set(fixed) | set(search)) - accepted)
+        if unknown:
+            raise UsageError(f"optimizer {source!r}: {spec.factory.__name__} takes no "
+                             f"{', '.join(unknown)} (it takes {', '.join(sorted(accepted))})")
+    new_search = {k: v for k, v in spec.search.items() if k not in fixed} | search
+    new_fixed = {k: v for k, v in spec.fixed.items() if k not in search} | fixed
+    tied = {k: r for k, r in spec.tied.items() if k not in fixed and k not in search}
+    if "lr" not in new_search and "lr" in new_fixed:  # a fixed lr fixes what is tied to it
+        new_fixed |= {k: float(f"{r * new_fixed['lr']:.4g}") for k, r in tied.items()}
+        tied = {}
+    defaults = {k: v for k, v in spec.defaults.items() if k in new_search}
+    for name, space in search.items():
+        if name not in defaults or not space.low <= defaults[name] <= space.high:
+            default = _default_of(spec.factory, name)
+            defaults[name] = default if default is not None and \
+                space.low <= default <= space.high else space.centre()
+    return replace(spec, name=source, search=new_search, defaults=defaults, fixed=new_fixed,
+                   tied=tied)
+
+
+def _default_of(factory: Callable[..., Any], name: str) -> float | None:
+    try:
+        parameter = inspect.signature(factory).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    if parameter is None or isinstance(parameter.default, bool):
+        return None
+    return parameter.default if isinstance(parameter.default, (int, float)) else None
+
+
 def resolve_optimizer(source: str) -> OptimizerSpec:
-    """A spec from a registry name or ``package.module:Class`` (one-line UsageError if bad)."""
-    if is_import_spec(source):
-        cls = load_attr(source, "optimizer")
+    """A spec from ``NAME``, ``package.module:Class``, either followed by ``:SETTINGS``.
+
+    ``SETTINGS`` is ``name=value`` (fixed in every trial) or ``name=low..high`` (searched
+    log-uniformly instead of the declared range), comma-separated:
+    ``adamw:weight_decay=0.1``, ``adamw:lr=1e-4..1e-1,weight_decay=0.01``. One-line
+    UsageError if anything is wrong.
+    """
+    base, settings = split_settings(source)
+    if is_import_spec(base):
+        cls = load_attr(base, "optimizer")
         if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
             raise UsageError(
-                f"optimizer {source!r} is not a torch.optim.Optimizer subclass (got {cls!r})"
+                f"optimizer {base!r} is not a torch.optim.Optimizer subclass (got {cls!r})"
             )
-        return _spec(source, cls, None)
-    from gradkit import optim
+        spec = _spec(base, cls, None)
+    else:
+        from gradkit import optim
 
-    key = source.lower()
-    if key not in optim.available():
-        raise UsageError(
-            f"unknown optimizer {source!r}; valid: {', '.join(optim.available())} "
-            "or package.module:Class"
-        )
-    return _spec(key, optim.get(key), _TABLE.get(key))
+        key = base.lower()
+        if key not in optim.available():
+            raise UsageError(
+                f"unknown optimizer {base!r}; valid: {', '.join(optim.available())} "
+                "or package.module:Class"
+            )
+        spec = _spec(key, optim.get(key), _TABLE.get(key))
+    if settings is None:
+        return spec
+    return _with_settings(spec, settings, f"{spec.name}:{settings.replace(' ', '')}")
 
 
 def default_optimizers() -> tuple[list[OptimizerSpec], list[str]]:

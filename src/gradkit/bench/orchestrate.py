@@ -6,13 +6,17 @@ read back for selection), so rerunning a killed command completes exactly the mi
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from gradkit.bench.executors import WorkerStartError
 from gradkit.bench.protocol import Study, select
+from gradkit.bench.records import TrialOutcome, TrialRecord
 from gradkit.bench.runner import TrialTask
 from gradkit.bench.store import Store
 from gradkit.bench.suites import Suite
@@ -31,11 +35,17 @@ class RunStats:
 
 
 class _Progress:
-    """A rich progress bar on stderr, or nothing when quiet / not a terminal."""
+    """Progress of a run.
 
-    def __init__(self, enabled: bool, total: int, quiet: bool):
-        self.bar, self.quiet = None, quiet
-        if enabled:
+    On a terminal: a rich progress bar on stderr. Otherwise (``make bench > log``, CI): one
+    plain line per finished trial on stdout, ``[  12/504] workload / optimizer / seed 0: ok``.
+    Nothing when quiet.
+    """
+
+    def __init__(self, total: int, quiet: bool):
+        self.bar, self.quiet, self.total, self.done = None, quiet, total, 0
+        self.plain = not quiet and not sys.stdout.isatty()
+        if not quiet and not self.plain and sys.stderr.isatty():
             from rich.console import Console
             from rich.progress import (
                 BarColumn,
@@ -53,19 +63,24 @@ class _Progress:
             self.bar.start()
             self.task = self.bar.add_task("", total=total)
 
-    def advance(self, text: str) -> None:
+    def advance(self, text: str, status: str) -> None:
+        self.done += 1
         if self.bar is not None:
             self.bar.update(self.task, advance=1, description=text)
+        elif self.plain:
+            width = len(str(self.total))
+            print(f"[{self.done:>{width}}/{self.total}] {text}: {status}", flush=True)
 
     def grow(self, extra: int) -> None:
+        self.total += extra
         if self.bar is not None:
-            self.bar.update(self.task, total=self.bar.tasks[0].total + extra)
+            self.bar.update(self.task, total=self.total)
 
     def log(self, text: str) -> None:
         if self.bar is not None:
             self.bar.console.print(text, markup=False, highlight=False)
         elif not self.quiet:
-            print(text, file=sys.stderr)
+            print(text, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -73,10 +88,14 @@ class _Progress:
 
 
 def run_studies(store: Store, suite: Suite, studies: list[Study], executor: Any, *,
-                quiet: bool = False) -> RunStats:
-    """Run every missing trial of ``studies`` on ``executor``, recording each in ``store``."""
-    known: dict[str, dict[str, Any]] = {r["key"]: r for r in store.trials(suite.name,
-                                                                         suite.version)}
+                quiet: bool = False,
+                on_start: Callable[[int, int], None] | None = None) -> RunStats:
+    """Run every missing trial of ``studies`` on ``executor``, recording each in ``store``.
+
+    ``on_start(to_run, already_finished)`` is called once, before the first trial starts.
+    """
+    known: dict[str, TrialRecord] = {r.key: r for r in store.trials(suite.name,
+                                                                    suite.version)}
     stats = RunStats()
     queue: deque[tuple[int, TrialTask]] = deque()
     waiting: dict[int, set[str]] = {}
@@ -87,9 +106,9 @@ def run_studies(store: Store, suite: Suite, studies: list[Study], executor: Any,
 
     def seed_tasks(i: int) -> list[tuple[int, TrialTask]]:
         study = studies[i]
-        rows = [known[t.key] | {"trial_index": t.index} for t in study.tune]
+        rows = [replace(known[t.key], trial_index=t.index) for t in study.tune]
         best = select(rows, study.entry.workload.higher_is_better)
-        chosen = next(t for t in study.tune if t.key == best["key"])
+        chosen = next(t for t in study.tune if t.key == best.key)
         tasks = study.seed_tasks(chosen)
         stats.skipped += sum(t.key in known for t in tasks)
         return [(i, t) for t in tasks if t.key not in known]
@@ -100,7 +119,9 @@ def run_studies(store: Store, suite: Suite, studies: list[Study], executor: Any,
             extra_pending += len(suite.seeds) - 1
         else:
             queue.extend(seed_tasks(i))
-    progress = _Progress(not quiet and sys.stderr.isatty(), len(queue) + extra_pending, quiet)
+    if on_start is not None:
+        on_start(len(queue) + extra_pending, stats.skipped)
+    progress = _Progress(len(queue) + extra_pending, quiet)
     in_flight: dict[Future, tuple[int, TrialTask]] = {}
     try:
         while queue or in_flight:
@@ -112,10 +133,12 @@ def run_studies(store: Store, suite: Suite, studies: list[Study], executor: Any,
                 i, task = in_flight.pop(future)
                 try:
                     outcome = future.result()
-                except Exception as exc:
+                except WorkerStartError as exc:
                     raise WorkerError(
-                        f"a worker died while running a trial ({type(exc).__name__}: {exc}); "
-                        "finished trials are saved, rerun the same command to resume") from exc
+                        f"{exc}; finished trials are saved, rerun the same command to "
+                        "resume") from exc
+                except Exception as exc:  # e.g. a Ray worker lost: the trial, not the run
+                    outcome = TrialOutcome("crashed", error=f"{type(exc).__name__}: {exc}"[:500])
                 _record(store, suite, studies[i], task, outcome, known, stats, progress)
                 if task.phase == "tune":
                     waiting[i].discard(task.key)
@@ -128,13 +151,18 @@ def run_studies(store: Store, suite: Suite, studies: list[Study], executor: Any,
     return stats
 
 
-def _record(store: Store, suite: Suite, study: Study, task: TrialTask, outcome: dict[str, Any],
-            known: dict[str, dict[str, Any]], stats: RunStats, progress: _Progress) -> None:
-    store.record(task.as_dict(), suite.version, study.entry.name, study.optimizer.name, outcome)
-    known[task.key] = outcome | {"key": task.key, "trial_index": task.index}
+def _record(store: Store, suite: Suite, study: Study, task: TrialTask, outcome: TrialOutcome,
+            known: dict[str, TrialRecord], stats: RunStats, progress: _Progress) -> None:
+    store.record(task, suite.version, study.entry.name, study.optimizer.name, outcome)
+    known[task.key] = TrialRecord.from_outcome(
+        outcome, key=task.key, suite=task.suite, version=suite.version,
+        workload=study.entry.name, optimizer=study.optimizer.name,
+        hparams=json.loads(task.hparams), seed=task.seed, phase=task.phase,
+        trial_index=task.index)
     stats.ran += 1
-    stats.statuses[outcome["status"]] = stats.statuses.get(outcome["status"], 0) + 1
-    label = f"{study.entry.name} / {study.optimizer.name} / seed {task.seed}"
-    progress.advance(label)
-    if outcome["status"] == "failed":
-        progress.log(f"trial failed: {label}: {outcome['error']}")
+    stats.statuses[outcome.status] = stats.statuses.get(outcome.status, 0) + 1
+    label = (f"{study.entry.name} / {study.optimizer.name} / trial {task.index} / "
+             f"seed {task.seed}")
+    progress.advance(label, outcome.status)
+    if outcome.status in ("failed", "crashed"):
+        progress.log(f"trial {outcome.status}: {label}: {outcome.error}")

@@ -23,7 +23,9 @@ from typing import Any
 
 import torch
 
+from gradkit.bench.diagnostics import Diagnoser
 from gradkit.bench.optimizers import OptimizerSpec, resolve_optimizer
+from gradkit.bench.records import CurvePoint, Diagnostic, TrialOutcome
 from gradkit.bench.workloads import Workload, reached, resolve_workload
 
 #: A training loss above ``EXPLODE_FACTOR * (|initial loss| + 1)`` counts as divergence.
@@ -43,6 +45,8 @@ class TrialTask:
     seed: int
     phase: str
     index: int
+    device: str = "cpu"
+    diagnose: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +78,7 @@ def warm_up() -> None:
         _WARM = True
 
 
-def run_task(task: TrialTask) -> dict[str, Any]:
+def run_task(task: TrialTask) -> TrialOutcome:
     """Worker entry point: resolve the task's workload and optimizer, then run the trial."""
     torch.set_num_threads(1)
     warm_up()
@@ -82,17 +86,9 @@ def run_task(task: TrialTask) -> dict[str, Any]:
         workload = resolve_workload(task.workload, json.loads(task.workload_overrides))
         spec = resolve_optimizer(task.optimizer)
     except Exception as exc:  # e.g. a user module that imports in the parent but not here
-        return _outcome("failed", error=f"{type(exc).__name__}: {exc}")
-    return run_trial(workload, spec, json.loads(task.hparams), task.seed)
-
-
-def _outcome(status: str, **fields: Any) -> dict[str, Any]:
-    base = {"status": status, "steps_to_target": None, "seconds_to_target": None,
-            "final_train_loss": None, "final_val_loss": None, "final_val_metric": None,
-            "final_test_loss": None, "final_test_metric": None, "train_seconds": 0.0,
-            "steps_done": 0, "error": None, "curve": []}
-    base.update(fields)
-    return base
+        return TrialOutcome("failed", error=f"{type(exc).__name__}: {exc}"[:500])
+    return run_trial(workload, spec, json.loads(task.hparams), task.seed, device=task.device,
+                     diagnose=task.diagnose)
 
 
 def _evaluate(problem: Any, split: str) -> tuple[float, float]:
@@ -105,31 +101,51 @@ def _evaluate(problem: Any, split: str) -> tuple[float, float]:
     return float(loss), float(metric)
 
 
-def run_trial(workload: Workload, spec: OptimizerSpec, hparams: dict[str, Any],
-              seed: int) -> dict[str, Any]:
-    """Train ``workload`` with ``spec`` at ``hparams`` and ``seed``; return the outcome dict.
+def _to_device(problem: Any, device: str, name: str) -> None:
+    move = getattr(problem, "to", None)
+    if not callable(move):
+        raise RuntimeError(f"workload {name!r} cannot run on {device}: its Problem has no "
+                           "to(device) method")
+    move(torch.device(device))
 
-    The dict has ``status``, ``steps_to_target`` / ``seconds_to_target`` (``None`` = not
-    reached), final train/val/test numbers, ``train_seconds``, ``steps_done``, ``error`` and
-    ``curve``: rows ``(step, seconds, train_loss, val_loss, val_metric)`` at every evaluation.
+
+def run_trial(workload: Workload, spec: OptimizerSpec, hparams: dict[str, Any],
+              seed: int, *, device: str = "cpu", diagnose: tuple[str, ...] = ()
+              ) -> TrialOutcome:
+    """Train ``workload`` with ``spec`` at ``hparams`` and ``seed``; return its outcome.
+
+    ``steps_to_target`` / ``seconds_to_target`` are ``None`` when the target was not reached;
+    ``curve`` has a :class:`CurvePoint` at step 0, every ``eval_every`` steps and the end.
+    ``device`` other than ``"cpu"`` moves the problem there (``Problem.to(device)``);
+    ``diagnose`` names instruments read at evaluation points, untimed (see
+    :mod:`gradkit.bench.diagnostics`).
     """
-    curve: list[tuple[int, float, float | None, float, float]] = []
+    curve: list[CurvePoint] = []
     seconds, step, window = 0.0, 0, []
     hit: tuple[int, float] | None = None
+    diagnoser: Diagnoser | None = None
+    readings: list[Diagnostic] = []
+    cuda = device.startswith("cuda")
     try:
         torch.manual_seed(seed)
         problem = workload.setup(seed)
+        if device != "cpu":
+            _to_device(problem, device, workload.name)
         optimizer = spec.build(problem.model, hparams)
+        if diagnose:
+            diagnoser = Diagnoser(diagnose, problem, readings)
         limit = math.inf
 
         def check(train_loss: float | None) -> bool:
             nonlocal hit
             val_loss, val_metric = _evaluate(problem, "val")
-            curve.append((step, seconds, train_loss, val_loss, val_metric))
+            curve.append(CurvePoint(step, seconds, train_loss, val_loss, val_metric))
             if not (math.isfinite(val_loss) and math.isfinite(val_metric)):
                 return False
             if hit is None and reached(val_metric, workload.target, workload.higher_is_better):
                 hit = (step, seconds)
+            if diagnoser is not None:
+                diagnoser.measure(step)
             return True
 
         check(None)
@@ -143,31 +159,41 @@ def run_trial(workload: Workload, spec: OptimizerSpec, hparams: dict[str, Any],
                 holder.append(loss)
                 return loss
 
+            evaluates = step % workload.eval_every == 0 or step == workload.steps
+            if diagnoser is not None:
+                diagnoser.before_step(evaluates)
             start = time.perf_counter()
             optimizer.step(closure)
+            if cuda:
+                torch.cuda.synchronize()
             loss_value = float(holder[0].detach()) if holder else math.nan
             seconds += time.perf_counter() - start
             if step == 1:
                 limit = EXPLODE_FACTOR * (abs(loss_value) + 1.0)
             window.append(loss_value)
             if not math.isfinite(loss_value) or loss_value > limit:
-                return _diverged(curve, step, seconds, hit, f"training loss {loss_value:g}")
-            if step % workload.eval_every == 0 or step == workload.steps:
+                return _diverged(curve, step, seconds, hit, f"training loss {loss_value:g}",
+                                 readings)
+            if evaluates:
                 if not check(sum(window) / len(window)):
-                    return _diverged(curve, step, seconds, hit, "non-finite evaluation")
+                    return _diverged(curve, step, seconds, hit, "non-finite evaluation",
+                                     readings)
                 window = []
         test_loss, test_metric = _evaluate(problem, "test")
     except Exception as exc:
-        return _outcome("failed", error=f"{type(exc).__name__}: {exc}"[:500], curve=curve,
-                        steps_done=max(step - 1, 0), train_seconds=seconds)
+        return TrialOutcome("failed", error=f"{type(exc).__name__}: {exc}"[:500],
+                            curve=tuple(curve), steps_done=max(step - 1, 0),
+                            train_seconds=seconds, diagnostics=tuple(readings))
     last = curve[-1]
-    return _outcome(
+    return TrialOutcome(
         "ok",
         steps_to_target=hit[0] if hit else None,
         seconds_to_target=hit[1] if hit else None,
-        final_train_loss=last[2], final_val_loss=last[3], final_val_metric=last[4],
+        final_train_loss=last.train_loss, final_val_loss=last.val_loss,
+        final_val_metric=last.val_metric,
         final_test_loss=_finite(test_loss), final_test_metric=_finite(test_metric),
-        train_seconds=seconds, steps_done=workload.steps, curve=curve,
+        train_seconds=seconds, steps_done=workload.steps, curve=tuple(curve),
+        diagnostics=tuple(readings),
     )
 
 
@@ -175,15 +201,17 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _diverged(curve: list, step: int, seconds: float, hit: Any, why: str) -> dict[str, Any]:
+def _diverged(curve: list[CurvePoint], step: int, seconds: float, hit: Any,
+              why: str, readings: list[Diagnostic]) -> TrialOutcome:
     # A divergence after reaching the target still counts as reaching it at that time
     # (AlgoPerf stops at the target); the final metrics are undefined.
-    return _outcome(
-        "diverged", error=f"diverged at step {step}: {why}",
+    return TrialOutcome(
+        "diverged", divergence=f"diverged at step {step}: {why}",
         steps_to_target=hit[0] if hit else None, seconds_to_target=hit[1] if hit else None,
         steps_done=step, train_seconds=seconds, curve=_finite_curve(curve),
+        diagnostics=tuple(readings),
     )
 
 
-def _finite_curve(curve: list) -> list:
-    return [row for row in curve if all(v is None or math.isfinite(v) for v in row[2:])]
+def _finite_curve(curve: list[CurvePoint]) -> tuple[CurvePoint, ...]:
+    return tuple(p for p in curve if all(v is None or math.isfinite(v) for v in p[2:]))

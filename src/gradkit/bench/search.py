@@ -31,6 +31,10 @@ class LogUniform:
         value = math.exp(math.log(self.low) + u * (math.log(self.high) - math.log(self.low)))
         return float(f"{value:.4g}")
 
+    def centre(self) -> float:
+        """The geometric centre of the range (4 significant digits)."""
+        return self.at(0.5)
+
     def describe(self) -> str:
         return f"log-uniform[{self.low:g}, {self.high:g}]"
 

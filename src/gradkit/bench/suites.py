@@ -30,14 +30,15 @@ class Suite:
 SUITES: dict[str, Suite] = {
     "quick": Suite(
         name="quick", version="1",
-        workloads=("quadratic", "rosenbrock", "logreg", "mlp", "cnn"),
+        workloads=("quadratic", "rosenbrock", "logreg", "mlp", "cnn", "char-lm"),
         n_trials=4, seeds=(0, 1, 2),
-        description="5 small workloads, defaults + 4 quasi-random trials, 3 seeds "
-                    "(minutes on a laptop CPU)",
+        description="6 small workloads incl. a character transformer LM, defaults + 4 "
+                    "quasi-random trials, 3 seeds (minutes on a laptop CPU)",
     ),
     "full": Suite(
         name="full", version="1",
-        workloads=("quadratic", "rosenbrock", "logreg", "mlp", "cnn", "transformer"),
+        workloads=("quadratic", "rosenbrock", "logreg", "mlp", "cnn", "char-lm",
+                   "transformer"),
         n_trials=8, seeds=(0, 1, 2, 3, 4),
         overrides={
             "quadratic": {"steps": 1000, "eval_every": 20, "dim": 500},
@@ -45,10 +46,12 @@ SUITES: dict[str, Suite] = {
             "logreg": {"steps": 400},
             "mlp": {"steps": 800, "hidden": 128, "eval_every": 20},
             "cnn": {"steps": 800, "channels": 16, "eval_every": 20},
+            "char-lm": {"steps": 600, "eval_every": 50, "layers": 2, "d_model": 64,
+                        "context": 64, "target": 3.6},
         },
-        description="6 workloads incl. grokking, defaults + 8 quasi-random trials, 5 seeds "
-                    "(about an hour on 2 CPU cores with 7 optimizers; the transformer "
-                    "dominates)",
+        description="7 workloads incl. a character LM and grokking, defaults + 8 "
+                    "quasi-random trials, 5 seeds (hours on 2 CPU cores with 12 "
+                    "optimizers; the transformers dominate)",
     ),
     "tiny": Suite(
         name="tiny", version="1",

@@ -1,7 +1,7 @@
 """Benchmark workloads: built-in problems and the protocol a user workload follows.
 
 See :mod:`gradkit.bench.workloads.base` for the protocol. Built-in names: ``quadratic``,
-``rosenbrock``, ``logreg``, ``mlp``, ``cnn``, ``transformer``.
+``rosenbrock``, ``logreg``, ``mlp``, ``cnn``, ``char-lm``, ``transformer``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from gradkit.bench.workloads.base import (
 from gradkit.bench.workloads.modular import ModularAddition
 from gradkit.bench.workloads.sklearn_tasks import DigitsCNN, DigitsMLP, LogisticRegression
 from gradkit.bench.workloads.synthetic import NoisyQuadratic, Rosenbrock
+from gradkit.bench.workloads.text import CharLM
 from gradkit.errors import UsageError
 
 BUILTIN: dict[str, Callable[..., Workload]] = {
@@ -33,6 +34,7 @@ BUILTIN: dict[str, Callable[..., Workload]] = {
     "mlp": DigitsMLP,
     "cnn": DigitsCNN,
     "transformer": ModularAddition,
+    "char-lm": CharLM,
 }
 
 _CACHE: dict[tuple[str, str], Workload] = {}

@@ -179,6 +179,21 @@ class ArrayProblem:
         loss, metric = self.loss_and_metric(self.model(x), y)
         return float(loss), float(metric)
 
+    def probe(self) -> Any:
+        """The ``--diagnose`` hook: the first ``batch_size`` (at most 256) training examples
+        and the mean training loss (see :mod:`gradkit.bench.diagnostics`)."""
+        from gradkit.bench.diagnostics import Probe
+
+        n = min(self.sampler.batch_size, 256)
+        return Probe(self.arrays.x_train[:n], self.arrays.y_train[:n],
+                     lambda out, y: self.loss_and_metric(out, y)[0])
+
+    def to(self, device: torch.device) -> ArrayProblem:
+        """Move the model and the data to ``device`` (``gradkit bench --device``)."""
+        self.model.to(device)
+        self.arrays = Arrays(*(t.to(device) for t in vars(self.arrays).values()))
+        return self
+
 
 class ArrayWorkload:
     """Base class for supervised workloads on in-memory arrays.

@@ -57,8 +57,14 @@ class _QuadraticProblem:
 
     def train_loss(self, step: int) -> Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        c = torch.randn(self.spec.dim, generator=g) * self.noise_std
+        c = torch.randn(self.spec.dim, generator=g).to(self.h.device) * self.noise_std
         return 0.5 * (self.h * (self.model.x - c).square()).sum()
+
+    def to(self, device: torch.device) -> _QuadraticProblem:
+        """Move to ``device`` (``gradkit bench --device``); the noise is drawn on the CPU."""
+        self.model.to(device)
+        self.h, self.noise_std = self.h.to(device), self.noise_std.to(device)
+        return self
 
     def evaluate(self, split: str) -> tuple[float, float]:
         risk = float(0.5 * (self.h * self.model.x.detach().square()).sum())
@@ -94,6 +100,11 @@ class _RosenbrockProblem:
         start = torch.tensor([-1.2, 1.0]).repeat(math.ceil(dim / 2))[:dim]
         noise = torch.randn(dim, generator=torch.Generator().manual_seed(seed))
         self.model = _Point(start + 0.1 * noise)
+
+    def to(self, device: torch.device) -> _RosenbrockProblem:
+        """Move to ``device`` (``gradkit bench --device``)."""
+        self.model.to(device)
+        return self
 
     def _value(self) -> Tensor:
         x = self.model.x
