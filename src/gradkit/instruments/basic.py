@@ -20,13 +20,44 @@ def _values(tensors: Tensors) -> list[Tensor]:
     return list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
 
 
-def global_norm(tensors: Tensors) -> float:
-    """``sqrt(Σ_t ‖t‖²)`` over a set of tensors (the global gradient norm of ``p.grad``s)."""
+def global_norm_tensor(tensors: Tensors, ord: float = 2) -> Tensor:
+    """The ``ord``-norm of all tensors joined, as a 0-d float64 tensor on their device (no
+    synchronisation): the one gradient-norm computation of the Monitor's ``GradNorm`` and
+    of :class:`gradkit.schedules.GradNormRecorder`.
+
+    Args:
+        tensors: a sequence or ``{name: tensor}`` mapping of tensors (mixed dtypes allowed:
+            per-tensor norms are combined in float64).
+        ord: the norm's order (2 or 1, any order ``torch._foreach_norm`` accepts).
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments.basic import global_norm_tensor
+        >>> global_norm_tensor([torch.tensor([3.0]), torch.tensor([-4.0])], ord=1)
+        tensor(7., dtype=torch.float64)
+    """
     values = _values(tensors)
     if not values:
-        raise ValueError("global_norm needs at least one tensor")
-    norms = torch._foreach_norm([v.detach() for v in values])
-    return float(torch.linalg.vector_norm(torch.stack(norms)).item())
+        raise ValueError("a global norm needs at least one tensor")
+    norms = torch._foreach_norm([v.detach() for v in values], ord)
+    return torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]), ord)
+
+
+def global_norm(tensors: Tensors) -> float:
+    """``sqrt(Σ_t ‖t‖²)`` over a set of tensors (the global gradient norm of ``p.grad``s).
+
+    Args:
+        tensors: a sequence or ``{name: tensor}`` mapping of tensors.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import global_norm
+        >>> global_norm({"w": torch.tensor([3.0]), "b": torch.tensor([4.0])})
+        5.0
+    """
+    return float(global_norm_tensor(tensors, 2).item())
 
 
 def layer_norms(tensors: Mapping[str, Tensor]) -> dict[str, float]:

@@ -56,12 +56,18 @@ class UpdateSize(Instrument):
     touches_model = False
     two_phase = True
 
+    def __init__(self, every: int = 1, start: int = 0):
+        super().__init__(every, start)
+        self._before: dict[str, Tensor] | None = None  # the parameters seen by measure
+
     def measure(self, ctx: StepContext) -> dict[str, Any]:
-        ctx._cache["update_before"] = {n: p.detach().clone() for n, p in ctx.params().items()}
+        self._before = {n: p.detach().clone() for n, p in ctx.params().items()}
         return {}
 
     def measure_after(self, ctx: StepContext) -> dict[str, Any]:
-        before = ctx._cache.pop("update_before")
+        before, self._before = self._before, None
+        if before is None:
+            return {}
         names = list(before)
         params = ctx.params()
         # the values of basic.update_size / update_ratio / layer_update_ratios, computed with
@@ -70,7 +76,8 @@ class UpdateSize(Instrument):
                                    [before[n] for n in names])
         num = torch.stack(torch._foreach_norm(diffs))
         den = torch.stack(torch._foreach_norm([before[n] for n in names]))
-        size, weight = torch.linalg.vector_norm(num), torch.linalg.vector_norm(den)
+        # combined in float64, as basic.global_norm_tensor does
+        size, weight = torch.linalg.vector_norm(num.double()), torch.linalg.vector_norm(den.double())
         size_f, weight_f, *layers = torch.cat([size[None], weight[None], num / den]).tolist()
         out = {"update_size": size_f,
                "update_ratio": size_f / weight_f if weight_f > 0 else float("inf")}
@@ -199,7 +206,7 @@ class GradientTests(Instrument):
     def measure(self, ctx: StepContext) -> dict[str, Any]:
         from gradkit.batching import gradient_statistics
 
-        stats = gradient_statistics(ctx.per_example_grads())
+        stats = gradient_statistics(ctx.per_example_moments())
         return {"norm_test": stats.norm_test_value(),
                 "inner_test": stats.inner_product_test_value(),
                 "ortho_test": stats.orthogonality_test_value()}
@@ -337,6 +344,7 @@ class OpposingSignals(Instrument):
         if k < 1:
             raise ValueError(f"Invalid k: {k}")
         self.k, self.data = k, data
+        self._before: Tensor | None = None  # the per-example losses seen by measure
 
     def _losses(self, ctx: StepContext) -> Tensor:
         x, y, _ = split_batch(_data(ctx, self.data))
@@ -344,11 +352,13 @@ class OpposingSignals(Instrument):
 
     def measure(self, ctx: StepContext) -> dict[str, Any]:
         # both evaluations in the measurement mode (not the captured training forward)
-        ctx._cache["opposing_before"] = self._losses(ctx)
+        self._before = self._losses(ctx)
         return {}
 
     def measure_after(self, ctx: StepContext) -> dict[str, Any]:
-        before = ctx._cache.pop("opposing_before")
+        before, self._before = self._before, None
+        if before is None:
+            return {}
         index = ctx.index if self.data is None else split_batch(self.data)[2]
         res = opposing_signals(before, self._losses(ctx), self.k, index)
         return {"opposing_up_index": res.increase_index, "opposing_up_delta": res.increase_delta,
@@ -360,12 +370,13 @@ class OpposingSignals(Instrument):
 def default_instruments(optimizer: torch.optim.Optimizer | None = None, *,
                         classifier: str | None = None) -> list[Instrument]:
     """The default set and schedule, sized so that a 500-step run of a small MLP on digits
-    (about 0.6 ms per step) costs at most about 1.10x (``benchmarks/monitor_overhead.py``):
+    (about 0.7 ms per step) costs at most about 1.10x (``benchmarks/monitor_overhead.py``):
 
     ============================================  =======  =====  ==========================
     instruments                                   every    start  cost/call (training steps)
     ============================================  =======  =====  ==========================
-    loss, gradient norm                           25       0      ~0.02, ~0.1
+    loss                                          1        0      ~0.02
+    gradient norm                                 10       0      ~0.1
     layer norms, update, NLM alignment, logits    100      0      ~0.05-0.6 each
     coherence, noise scale, SNR (shared           500      0      ~9 together,
     per-example gradients), opposing signals                      ~1
@@ -374,15 +385,28 @@ def default_instruments(optimizer: torch.optim.Optimizer | None = None, *,
     sharpness
     ============================================  =======  =====  ==========================
 
-    Choice: the Hessian instruments first run at step 1000, not at step 0, because one cold
-    Lanczos run costs as much as the whole 10% budget of a 500-step run of that model (the
-    benchmark prints the ratio with them at step 0 as well). Costs are in units of one
-    training step, so they carry over to other model sizes roughly; pass
-    ``Monitor(every={...})`` or your own instruments for denser schedules. Neural collapse is
-    added (every 500) when a ``classifier`` layer is named.
+    Choices: the loss is recorded at every step, so even a short run has a full loss curve
+    (and a divergence is seen at the step it happens). The Hessian instruments first run at
+    step 1000, not at step 0, because one cold Lanczos run costs as much as the whole 10%
+    budget of a 500-step run of that model (the benchmark prints the ratio with them at step
+    0 as well); ``Monitor(every={"sharpness": 10})`` runs sharpness every 10 steps from step
+    0. Costs are in units of one training step, so they carry over to other model sizes
+    roughly. Neural collapse is added (every 500) when a ``classifier`` layer is named.
+
+    Args:
+        optimizer: Adam and AdamW add the preconditioned sharpness.
+        classifier: name of the final ``nn.Linear`` (adds neural collapse).
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import default_instruments
+        >>> opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
+        >>> [(i.name, i.every, i.start) for i in default_instruments(opt)][:3]
+        [('loss', 1, 0), ('grad_norm', 10, 0), ('layer_grad_norms', 100, 0)]
     """
     out: list[Instrument] = [
-        Loss(every=25), GradNorm(every=25), LayerGradNorms(every=100), UpdateSize(every=100),
+        Loss(every=1), GradNorm(every=10), LayerGradNorms(every=100), UpdateSize(every=100),
         NLMAlignment(every=100), LogitStats(every=100),
         Coherence(every=500), NoiseScale(every=500), GradientSNR(every=500),
         OpposingSignals(every=500),

@@ -14,7 +14,7 @@ Thresholds (a quadratic :math:`\tfrac12\lambda x^2` diverges iff its curvature e
 For torch's SGD, dampening ``d`` scales the step by ``1 − d`` (threshold divided by
 ``1 − d``) and coupled ``weight_decay`` adds ``wd·I`` to the Hessian (threshold on the loss
 Hessian lowered by ``wd``). Adam's preconditioner is read as ``P = diag(√v̂ + ε)`` with
-``v̂ = v/(1 − β₂^t)`` from the optimizer state: the spec's reading of the paper, NOT verified
+``v̂ = v/(1 − β₂^t)`` from the optimizer state: our reading of the paper, NOT verified
 against the authors' code. AdamW's decoupled decay is ignored (it does not enter ``P⁻¹H``).
 """
 
