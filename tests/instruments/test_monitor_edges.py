@@ -2,7 +2,6 @@
 full disks, interpreter exit, several runs in one directory, TensorBoard and MLflow."""
 
 import gc
-import json
 import os
 import sqlite3
 import subprocess
@@ -173,7 +172,7 @@ _FULL_DISK = textwrap.dedent("""
     mon = Monitor(model, nn.functional.cross_entropy, opt, instruments=[Loss(), Pad()],
                   log_dir=sys.argv[1], flush_every=4)
     resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, resource.RLIM_INFINITY))
-    for step in range(300):
+    for step in range(80):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
@@ -189,18 +188,19 @@ def test_a_full_disk_degrades_to_a_warning_and_keeps_both_files_consistent(tmp_p
     out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "trained 300" in out.stdout
+    assert "trained 80" in out.stdout
     assert out.stderr.count("could not write records") == 1, out.stderr[-2000:]
     assert "records could not be written" in out.stderr
     from_jsonl = load_runs(tmp_path / "metrics.jsonl")
     from_sqlite = load_runs(tmp_path / "metrics.sqlite")
     assert from_jsonl == from_sqlite
     (steps,) = {tuple(s["loss"][0]) for s in from_jsonl.values()}
-    assert 0 < len(steps) < 300 and list(steps) == list(range(len(steps)))
+    assert 0 < len(steps) < 80 and list(steps) == list(range(len(steps)))
 
 
 _PLAIN_FORM_INTERRUPTED = textwrap.dedent("""
     import sys
+    sys.modules["mlflow"] = sys.modules["tensorboard"] = None  # core needs neither
     import torch
     from torch import nn
     from gradkit.instruments import Loss, Monitor
@@ -215,7 +215,7 @@ _PLAIN_FORM_INTERRUPTED = textwrap.dedent("""
 """)
 
 
-def test_the_plain_form_flushes_at_interpreter_exit(tmp_path):
+def test_the_plain_form_flushes_at_interpreter_exit_without_mlflow_or_tensorboard(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     out = subprocess.run([sys.executable, "-c", _PLAIN_FORM_INTERRUPTED, str(tmp_path)],
                          env=env, capture_output=True, text=True, timeout=120)
@@ -351,24 +351,3 @@ def test_missing_mlflow_or_tensorboard_is_a_clear_error(tmp_path, monkeypatch, k
     with pytest.raises(MissingExtraError, match=rf"pip install 'gradkit\[{extra}\]'"):
         Monitor(nn.Linear(2, 2), ce, log_dir=tmp_path / "r", **kwargs)
     assert not (tmp_path / "r").exists()
-
-
-def test_core_needs_neither_mlflow_nor_tensorboard(tmp_path):
-    code = textwrap.dedent(f"""
-        import sys
-        sys.modules["mlflow"] = sys.modules["tensorboard"] = None  # not installed
-        import torch
-        from torch import nn
-        import gradkit
-        from gradkit.instruments import Monitor, load_run
-        model = nn.Linear(3, 2)
-        x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
-        with Monitor(model, nn.functional.cross_entropy, log_dir={str(tmp_path)!r}) as m:
-            m.step((x, y))
-        print(sorted(load_run({str(tmp_path)!r}))[:2])
-    """)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                         text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().replace("'", '"'))

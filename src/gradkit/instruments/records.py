@@ -18,7 +18,8 @@ floats are stored as NULL / JSON ``null``.
 The two files hold the same records. A flush that fails (disk full, file-size limit, a
 locked or broken database) is undone in both (the JSONL file is truncated back, the SQLite
 transaction rolled back), a warning is issued once, training goes on, and the records stay
-buffered (at most ``max_buffered``) and are retried at the next flush. A process killed
+buffered (at most ``max_buffered``) and are retried, each time the buffer has doubled and
+at close. A process killed
 during a JSONL write can leave a truncated last line: the readers skip it with a warning and
 the next writer on the file removes it. TensorBoard and MLflow are mirrors: written after
 the two files, their failures are warned about once and never stop training.
@@ -225,6 +226,7 @@ class RunWriter:
                                      list(meta.items()))
         self._records: list[dict[str, Any]] = []
         self._failing = False  # the last flush failed (warned once per failure spell)
+        self._retry_at = 0  # while failing: buffered records before the next attempt
         self._mirror_warned: set[int] = set()
         #: records dropped because writing kept failing and the buffer was full
         self.dropped = 0
@@ -282,7 +284,7 @@ class RunWriter:
 
     def flush(self) -> None:
         """Write the buffered records; never raises on I/O errors (see the module notes)."""
-        if not self._records:
+        if not self._records or len(self._records) < self._retry_at:
             return
         data, rows, scalars = self._serialise(self._records)
         try:
@@ -292,9 +294,10 @@ class RunWriter:
                 warnings.warn(
                     f"gradkit: could not write records to {self.dir} ({type(exc).__name__}: "
                     f"{exc}); training continues, both files stay consistent and the records "
-                    f"are kept in memory (up to {self.max_buffered}) and retried at each "
-                    "flush", RuntimeWarning, stacklevel=4)
+                    f"are kept in memory (up to {self.max_buffered}) and retried later",
+                    RuntimeWarning, stacklevel=4)
             self._failing = True
+            self._retry_at = 2 * len(self._records)  # back off: O(n) retried records in all
             over = len(self._records) - self.max_buffered
             if over > 0:
                 del self._records[:over]
@@ -304,7 +307,7 @@ class RunWriter:
             warnings.warn(f"gradkit: writing records to {self.dir} works again",
                           RuntimeWarning, stacklevel=4)
             self._failing = False
-        self._records = []
+        self._records, self._retry_at = [], 0
         for i, mirror in enumerate(self._mirrors):
             try:
                 mirror.write(scalars)
@@ -317,6 +320,7 @@ class RunWriter:
 
     def close(self) -> None:
         """Flush and close every sink (safe to call twice)."""
+        self._retry_at = 0  # a last attempt
         self.flush()
         if self._records or self.dropped:
             warnings.warn(f"gradkit: {len(self._records) + self.dropped} records could not "
