@@ -157,7 +157,7 @@ def plot_run(run: str | Path, out_png: str | Path, *, title: str | None = None,
         >>> with tempfile.TemporaryDirectory() as run_dir:
         ...     with Monitor(model, loss_fn, instruments=[Loss()], log_dir=run_dir) as m:
         ...         for _ in range(3):
-        ...             m.step((x, y), loss=loss_fn(model(x), y))
+        ...             _ = m.step((x, y), loss=loss_fn(model(x), y))
         ...     png = plot(run_dir, Path(run_dir) / "dashboard.png")
         ...     png.read_bytes()[:4]
         b'\\x89PNG'

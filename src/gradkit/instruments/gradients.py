@@ -130,6 +130,19 @@ def coherence(per_example: PerExample | GradientMoments) -> Coherence:
     2008.01217). Squared norms (not the ``‖E g‖/E‖g‖`` form some write-ups use). O(m)
     accumulation of ``Σ gᵢ`` and ``Σ ‖gᵢ‖²``. ``α_m`` is 1 for pairwise-orthogonal equal-norm
     gradients, m for identical ones and 0 when they cancel. All-zero gradients give NaN.
+
+    Args:
+        per_example: per-example gradients (see :func:`gradient_moments`) or their moments.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import coherence
+        >>> c = coherence(torch.eye(3))  # pairwise orthogonal, equal norms
+        >>> round(c.alpha, 6), round(c.m_coherence, 6), c.m
+        (0.333333, 1.0, 3)
+        >>> coherence(torch.ones(4, 2)).m_coherence  # identical
+        4.0
     """
     mom = gradient_moments(per_example)
     m, sum_sq = mom.m, float(mom.sum @ mom.sum)
@@ -161,6 +174,17 @@ def noise_scale_per_example(per_example: PerExample | GradientMoments) -> NoiseS
     estimates are unbiased, their ratio only consistent (it can be negative or huge when
     ``|G|²`` is small against the noise: smooth numerator and denominator separately with
     :class:`NoiseScaleEMA` before dividing).
+
+    Args:
+        per_example: per-example gradients of at least 2 examples (see
+            :func:`gradient_moments`) or their moments.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import noise_scale_per_example
+        >>> noise_scale_per_example(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+        NoiseScale(grad_sq=3.0, trace_cov=2.0, b_simple=0.6666666666666666)
     """
     mom = gradient_moments(per_example)
     b = mom.m
@@ -184,11 +208,23 @@ def noise_scale_two_batch(small_sq: float, big_sq: float, b_small: float, b_big:
             - \lVert G_\text{big}\rVert^2}{1/B_\text{small} - 1/B_\text{big}}
         \end{aligned}
 
-    ``small_sq``/``big_sq`` are squared norms of mean gradients over ``b_small``/``b_big``
-    examples; as in ``EleutherAI/gpt-neox`` (``gradient_noise_scale.py``, where ``noise``
-    holds the |G|² estimate and ``scale`` the tr Σ one), the big batch may be the average of
-    several small ones, and ``small_sq`` may be averaged over those small batches (still
-    unbiased, lower variance).
+    As in ``EleutherAI/gpt-neox`` (``gradient_noise_scale.py``, where ``noise`` holds the
+    |G|² estimate and ``scale`` the tr Σ one), the big batch may be the average of several
+    small ones, and ``small_sq`` may be averaged over those small batches (still unbiased,
+    lower variance).
+
+    Args:
+        small_sq: squared norm of a mean gradient over ``b_small`` examples.
+        big_sq: squared norm of a mean gradient over ``b_big`` examples.
+        b_small: the small batch size.
+        b_big: the big batch size (``> b_small``).
+
+    Example::
+
+        >>> from gradkit.instruments import noise_scale_two_batch
+        >>> # E‖G_B‖² = |G|² + tr Σ / B with |G|² = 2, tr Σ = 8
+        >>> noise_scale_two_batch(2 + 8 / 4, 2 + 8 / 16, 4, 16)
+        NoiseScale(grad_sq=2.0, trace_cov=8.0, b_simple=4.0)
     """
     if not 0 < b_small < b_big:
         raise ValueError(f"need 0 < b_small < b_big, got b_small={b_small}, b_big={b_big}")
@@ -199,8 +235,21 @@ def noise_scale_two_batch(small_sq: float, big_sq: float, b_small: float, b_big:
 
 class NoiseScaleEMA:
     """Exponential moving averages of ``|G|²`` and ``tr Σ`` kept *separately*; the smoothed
-    noise scale is the ratio of the two averages (gpt-neox's scheme, default β = 0.99, with
-    the usual ``1 − β^t`` bias correction so early values are not shrunk toward 0)."""
+    noise scale is the ratio of the two averages (gpt-neox's scheme, with the usual
+    ``1 − β^t`` bias correction so early values are not shrunk toward 0). Non-finite
+    estimates are skipped.
+
+    Args:
+        beta: the EMA factor in [0, 1) (default 0.99).
+
+    Example::
+
+        >>> from gradkit.instruments import NoiseScaleEMA, noise_scale_two_batch
+        >>> ema = NoiseScaleEMA(beta=0.5)
+        >>> _ = ema.update(noise_scale_two_batch(4.0, 2.5, 4, 16))
+        >>> round(ema.update(noise_scale_two_batch(3.0, 2.0, 4, 16)).b_simple, 6)
+        3.5
+    """
 
     def __init__(self, beta: float = 0.99):
         if not 0.0 <= beta < 1.0:
@@ -240,6 +289,17 @@ def gradient_snr(per_example: PerExample | GradientMoments) -> float:
     Through GSNR of Parameters" (ICLR 2020), averaged over the coordinates with non-zero
     variance (zero-variance coordinates, e.g. dead units, are excluded). Our choice of
     averaging; the per-example gradients are those of the individual losses.
+
+    Args:
+        per_example: per-example gradients of at least 2 examples (see
+            :func:`gradient_moments`) or their moments.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import gradient_snr
+        >>> gradient_snr(torch.tensor([[1.0, 5.0], [3.0, 5.0]]))  # coordinate 0: 2² / 2
+        2.0
     """
     mom = gradient_moments(per_example)
     m = mom.m

@@ -15,7 +15,12 @@ from .opposing import opposing_signals
 
 
 class Loss(Instrument):
-    """``loss``: the value passed to ``monitor.step(loss=...)``, else the batch loss."""
+    """``loss``: the value passed to ``monitor.step(loss=...)``, else the batch loss.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "loss"
     touches_model = False
@@ -29,7 +34,14 @@ class Loss(Instrument):
 
 
 class GradNorm(Instrument):
-    """``grad_norm``: global L2 norm of the gradient."""
+    """``grad_norm``: global L2 norm of the gradient
+    (:func:`gradkit.instruments.basic.global_norm_tensor`, shared with
+    :class:`gradkit.schedules.GradNormRecorder`).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "grad_norm"
     touches_model = False
@@ -39,7 +51,12 @@ class GradNorm(Instrument):
 
 
 class LayerGradNorms(Instrument):
-    """``grad_norm/<param>``: per-parameter-tensor gradient norms."""
+    """``grad_norm/<param>``: per-parameter-tensor gradient norms.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "layer_grad_norms"
     touches_model = False
@@ -50,7 +67,12 @@ class LayerGradNorms(Instrument):
 
 class UpdateSize(Instrument):
     """``update_size`` ‖Δθ‖, ``update_ratio`` ‖Δθ‖/‖θ‖ and ``update_ratio/<param>`` of the
-    optimizer step taken between ``measure`` and ``measure_after``."""
+    optimizer step taken between ``measure`` and ``measure_after``.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "update"
     touches_model = False
@@ -77,7 +99,8 @@ class UpdateSize(Instrument):
         num = torch.stack(torch._foreach_norm(diffs))
         den = torch.stack(torch._foreach_norm([before[n] for n in names]))
         # combined in float64, as basic.global_norm_tensor does
-        size, weight = torch.linalg.vector_norm(num.double()), torch.linalg.vector_norm(den.double())
+        size = torch.linalg.vector_norm(num.double())
+        weight = torch.linalg.vector_norm(den.double())
         size_f, weight_f, *layers = torch.cat([size[None], weight[None], num / den]).tolist()
         out = {"update_size": size_f,
                "update_ratio": size_f / weight_f if weight_f > 0 else float("inf")}
@@ -87,7 +110,12 @@ class UpdateSize(Instrument):
 
 class NLMAlignment(Instrument):
     """``nlm_alignment``: cos(−g, θ), the gradient's alignment with the naive loss
-    minimization direction (see :func:`gradkit.instruments.nlm_alignment`)."""
+    minimization direction (see :func:`gradkit.instruments.nlm_alignment`).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "nlm_alignment"
     touches_model = False
@@ -98,7 +126,12 @@ class NLMAlignment(Instrument):
 
 class LogitStats(Instrument):
     """``max_abs_logit``, ``logit_growth`` (change of max|z| per step since the previous
-    measurement), ``softmax_collapse`` and ``zero_loss_fraction`` on the batch outputs."""
+    measurement), ``softmax_collapse`` and ``zero_loss_fraction`` on the batch outputs.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "logits"
     touches_model = False
@@ -119,7 +152,12 @@ class LogitStats(Instrument):
 
 
 class Coherence(Instrument):
-    """``coherence_alpha`` α and ``m_coherence`` m·α from per-example gradients."""
+    """``coherence_alpha`` α and ``m_coherence`` m·α from the per-example gradient moments.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "coherence"
     touches_model = False
@@ -131,13 +169,20 @@ class Coherence(Instrument):
 
 class NoiseScale(Instrument):
     """Gradient noise scale ``B_simple``: ``noise_scale`` (ratio of the separately smoothed
-    |G|² and tr Σ, EMA ``beta``), ``noise_scale_raw`` (this step's ratio), ``noise_grad_sq``
-    and ``noise_trace_cov`` (smoothed).
+    |G|² and tr Σ), ``noise_scale_raw`` (this step's ratio), ``noise_grad_sq`` and
+    ``noise_trace_cov`` (smoothed).
 
-    ``method="per_example"`` uses the per-example estimator; ``"two_batch"`` splits the batch
-    into ``n_chunks`` small batches (B_small = B/n_chunks, one ``autograd.grad`` each, no
-    per-example gradients) whose average is the big batch, with ‖G_small‖² averaged over the
-    chunks (gpt-neox's scheme).
+    ``method="per_example"`` uses the per-example estimator on the shared moments;
+    ``"two_batch"`` splits the batch into ``n_chunks`` small batches (B_small =
+    B/n_chunks, one ``autograd.grad`` each, no per-example gradients) whose average is the
+    big batch, with ‖G_small‖² averaged over the chunks (gpt-neox's scheme).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        method: ``"per_example"`` or ``"two_batch"``.
+        n_chunks: small batches of the two-batch estimator (at least 2).
+        beta: EMA factor of :class:`~gradkit.instruments.NoiseScaleEMA`.
     """
 
     name = "noise_scale"
@@ -185,7 +230,12 @@ class NoiseScale(Instrument):
 
 
 class GradientSNR(Instrument):
-    """``grad_snr``: mean per-parameter gradient signal-to-noise ratio (GSNR)."""
+    """``grad_snr``: mean per-parameter gradient signal-to-noise ratio (GSNR).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "grad_snr"
     touches_model = False
@@ -195,10 +245,16 @@ class GradientSNR(Instrument):
 
 
 class GradientTests(Instrument):
-    """Cockpit-style NormTest / InnerTest / OrthoTest values from per-example gradients:
-    ``norm_test``, ``inner_test``, ``ortho_test``, the smallest η, θ, ν for which AdAdaGrad's
-    norm, inner-product and orthogonality batch-size tests pass at the current batch size
-    (computed by :func:`gradkit.batching.gradient_statistics`, not re-implemented here)."""
+    """Cockpit-style NormTest / InnerTest / OrthoTest values: ``norm_test``, ``inner_test``,
+    ``ortho_test``, the smallest η, θ, ν for which AdAdaGrad's norm, inner-product and
+    orthogonality batch-size tests pass at the current batch size (computed by
+    :func:`gradkit.batching.gradient_statistics` from the moments the other per-example
+    instruments read, not re-implemented here).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "gradient_tests"
     touches_model = False
@@ -228,13 +284,19 @@ def _data(ctx: StepContext, data: Any) -> Any:
 
 
 class Sharpness(Instrument):
-    """``sharpness`` λ_max(∇²L) (Lanczos, relative tolerance ``tol``, warm-started from the
-    previous top eigenvector) and ``sharpness_threshold`` of the optimizer (2/η for GD,
-    (2+2β)/η heavy ball; see :mod:`.stability`) plus ``threshold_kind``.
+    """``sharpness`` λ_max(∇²L) (Lanczos, warm-started from the previous top eigenvector) and
+    ``sharpness_threshold`` of the optimizer (2/η for GD, (2+2β)/η heavy ball; see
+    :mod:`.stability`) plus ``threshold_kind``. For Adam the raw sharpness has no
+    closed-form threshold: use :class:`PreconditionedSharpness`.
 
-    ``data``: a fixed probe set (a batch or iterable of batches, e.g. the full training set
-    for edge-of-stability plots); default the current mini-batch. For Adam the raw sharpness
-    has no closed-form threshold: use :class:`PreconditionedSharpness`.
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        data: a fixed probe set (a batch or iterable of batches, e.g. the full training
+            set for edge-of-stability plots); default the current mini-batch.
+        k: number of top eigenvalues (``top_eigenvalues`` is recorded when ``k > 1``).
+        tol: relative eigenvalue tolerance of Lanczos.
+        warm_start: start Lanczos from the previous top eigenvector.
     """
 
     name = "sharpness"
@@ -262,7 +324,13 @@ class Sharpness(Instrument):
 
 class PreconditionedSharpness(Instrument):
     """``precond_sharpness`` λ_max(P^-1/2 H P^-1/2) with Adam's P = diag(√v̂ + ε) and
-    ``precond_threshold`` (2+2β₁)/((1−β₁)η). Skipped until Adam has state."""
+    ``precond_threshold`` (2+2β₁)/((1−β₁)η). Skipped until Adam has state.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        data: a fixed probe set (default: the current mini-batch).
+    """
 
     name = "precond_sharpness"
 
@@ -281,8 +349,15 @@ class PreconditionedSharpness(Instrument):
 
 
 class HessianTrace(Instrument):
-    """``hessian_trace`` (Hutchinson, ``n_probes``), its ``hessian_trace_stderr`` and, for
-    torch SGD, ``trace_threshold`` = 2/η (Wu, Wang & Su's bound for SGD-stable minima)."""
+    """``hessian_trace`` (Hutchinson), its ``hessian_trace_stderr`` and, for torch SGD,
+    ``trace_threshold`` = 2/η (Wu, Wang & Su's bound for SGD-stable minima).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        data: a fixed probe set (default: the current mini-batch).
+        n_probes: number of Rademacher probes.
+    """
 
     name = "hessian_trace"
 
@@ -304,7 +379,14 @@ class HessianTrace(Instrument):
 class NeuralCollapse(Instrument):
     """NC1–NC4 (``nc1``, ``nc2_*``, ``nc3``, ``nc4``) of the features entering the
     ``nn.Linear`` named ``classifier`` (captured by a forward pre-hook), with that layer's
-    weight and bias. ``data``: a probe set ``(inputs, labels)`` (default: the batch)."""
+    weight and bias.
+
+    Args:
+        classifier: the name of the final ``nn.Linear`` in ``model.named_modules()``.
+        every: period in steps.
+        start: first step at which it runs.
+        data: a probe set ``(inputs, labels)`` (default: the batch).
+    """
 
     name = "neural_collapse"
 
@@ -331,10 +413,17 @@ class NeuralCollapse(Instrument):
 
 
 class OpposingSignals(Instrument):
-    """Opposing-signal groups over one optimizer step: ``opposing_up_index``/``_delta`` (top-k
-    loss increases), ``opposing_down_index``/``_delta`` (top-k decreases) and
+    """Opposing-signal groups over one optimizer step: ``opposing_up_index``/``_delta``
+    (top-k loss increases), ``opposing_down_index``/``_delta`` (top-k decreases) and
     ``loss_up_fraction``. Indices are the batch's example ids when the batch is
-    ``(x, y, ids)``, else positions; ``data`` fixes a probe set instead of the batch."""
+    ``(x, y, ids)``, else positions.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        k: size of each group.
+        data: a fixed probe set instead of the batch.
+    """
 
     name = "opposing"
     two_phase = True

@@ -433,7 +433,7 @@ def load_runs(path: str | Path) -> dict[str, Series]:
         ...     for _ in range(2):  # two runs on one directory
         ...         with Monitor(model, loss_fn, instruments=[Loss()], log_dir=run_dir) as m:
         ...             for _ in range(3):
-        ...                 m.step((x, y), loss=loss_fn(model(x), y))
+        ...                 _ = m.step((x, y), loss=loss_fn(model(x), y))
         ...     runs = load_runs(run_dir)
         >>> len(runs), [series["loss"][0] for series in runs.values()]
         (2, [[0, 1, 2], [0, 1, 2]])
@@ -461,7 +461,7 @@ def load_run(path: str | Path, run: str | None = None) -> Series:
         ...     with Monitor(model, loss_fn, instruments=[Loss(), GradNorm(every=2)],
         ...                  log_dir=run_dir) as monitor:
         ...         for _ in range(5):
-        ...             monitor.step((x, y), loss=loss_fn(model(x), y))
+        ...             _ = monitor.step((x, y), loss=loss_fn(model(x), y))
         ...     series = load_run(run_dir)
         >>> series["loss"][0], series["grad_norm"][0]
         ([0, 1, 2, 3, 4], [0, 2, 4])
