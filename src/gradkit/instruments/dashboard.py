@@ -96,7 +96,7 @@ def dashboard_figure(runs: dict[str, Series], title: str = "") -> Any:
         for i, (run, series) in enumerate(runs.items()):
             colour = colours[i % len(colours)] if len(runs) > 1 else None
             suffix = f" [{run}]" if len(runs) > 1 else ""
-            positive &= _draw(ax, series, lines, colour, suffix)
+            positive &= _draw(ax, series, lines, colour, suffix, hi)
             bad = first_nonfinite(series)
             if bad is not None:
                 ax.axvline(bad[0], color="red", linestyle=":", linewidth=1.5,
@@ -116,8 +116,9 @@ def dashboard_figure(runs: dict[str, Series], title: str = "") -> Any:
 
 
 def _draw(ax: Any, series: Series, lines: list[tuple[str, str, str]], colour: str | None,
-          suffix: str) -> bool:
-    """Draw one run's lines of a panel; returns whether every value was positive."""
+          suffix: str, last_step: int) -> bool:
+    """Draw one run's lines of a panel; returns whether every value was positive.
+    Threshold lines hold their last value to ``last_step`` (so one value is a line)."""
     positive = True
     for k, (name, label, style) in enumerate(lines):
         steps, values = _points(series, name)
@@ -126,6 +127,8 @@ def _draw(ax: Any, series: Series, lines: list[tuple[str, str, str]], colour: st
         positive &= all(v > 0 for v in values)
         colour_k = colour if colour is None or k == 0 else None
         if style == "thr":
+            if steps[-1] < last_step:
+                steps, values = [*steps, last_step], [*values, values[-1]]
             ax.step(steps, values, where="post", linestyle="--", color="k",
                     label=label + suffix)
         else:
