@@ -153,8 +153,9 @@ def test_a_truncated_last_jsonl_line_is_skipped_and_then_removed(tmp_path):
         load_run(tmp_path / "bad.jsonl")
 
 
-_FULL_DISK = textwrap.dedent("""
-    import resource, signal, sys, warnings
+_FULL_DISK_THEN_CTRL_C = textwrap.dedent("""
+    import resource, signal, sys
+    sys.modules["mlflow"] = sys.modules["tensorboard"] = None  # core needs neither
     import torch
     from torch import nn
     from gradkit.instruments import Instrument, Loss, Monitor
@@ -165,63 +166,51 @@ _FULL_DISK = textwrap.dedent("""
         def measure(self, ctx):
             return {"pad": "x" * 2000}
 
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+    ce = nn.functional.cross_entropy
     model = nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
-    mon = Monitor(model, nn.functional.cross_entropy, opt, instruments=[Loss(), Pad()],
-                  log_dir=sys.argv[1], flush_every=4)
+    # 1. a full disk: writes past a file-size limit fail (EFBIG) in the middle of training
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    mon = Monitor(model, ce, opt, instruments=[Loss(), Pad()], log_dir=sys.argv[1],
+                  flush_every=4)
     resource.setrlimit(resource.RLIMIT_FSIZE, (96 * 1024, resource.RLIM_INFINITY))
-    for step in range(80):
+    for step in range(40):
         opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
+        loss = ce(model(x), y)
         loss.backward()
         with mon.step((x, y), loss=loss):
             opt.step()
     mon.close()
-    print("trained", len(mon.history))
+    print("trained", len(mon.history), flush=True)
+    # 2. the plain form, interrupted: no close(), records still buffered
+    monitor = Monitor(model, ce, instruments=[Loss()], log_dir=sys.argv[2], flush_every=50)
+    for step in range(7):
+        monitor.step((x, y), loss=ce(model(x), y))
+    raise KeyboardInterrupt  # Ctrl-C
 """)
 
 
-def test_a_full_disk_degrades_to_a_warning_and_keeps_both_files_consistent(tmp_path):
+def test_a_full_disk_degrades_and_the_plain_form_flushes_at_interpreter_exit(tmp_path):
+    """One subprocess (a file-size limit and an interrupted interpreter; neither mlflow nor
+    tensorboard importable) for two behaviours, to pay for one torch import."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, "-c", _FULL_DISK, str(tmp_path)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "trained 80" in out.stdout
+    full, plain = tmp_path / "full", tmp_path / "plain"
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK_THEN_CTRL_C, str(full), str(plain)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert "trained 40" in out.stdout, out.stderr[-2000:]
+    assert "KeyboardInterrupt" in out.stderr
+    # the full disk: one warning, training went on, both files hold the same records
     assert out.stderr.count("could not write records") == 1, out.stderr[-2000:]
     assert "records could not be written" in out.stderr
-    from_jsonl = load_runs(tmp_path / "metrics.jsonl")
-    from_sqlite = load_runs(tmp_path / "metrics.sqlite")
+    from_jsonl = load_runs(full / "metrics.jsonl")
+    from_sqlite = load_runs(full / "metrics.sqlite")
     assert from_jsonl == from_sqlite
     (steps,) = {tuple(s["loss"][0]) for s in from_jsonl.values()}
-    assert 0 < len(steps) < 80 and list(steps) == list(range(len(steps)))
-
-
-_PLAIN_FORM_INTERRUPTED = textwrap.dedent("""
-    import sys
-    sys.modules["mlflow"] = sys.modules["tensorboard"] = None  # core needs neither
-    import torch
-    from torch import nn
-    from gradkit.instruments import Loss, Monitor
-
-    model = nn.Linear(3, 2)
-    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
-    monitor = Monitor(model, nn.functional.cross_entropy, instruments=[Loss()],
-                      log_dir=sys.argv[1], flush_every=50)
-    for step in range(7):
-        monitor.step((x, y), loss=nn.functional.cross_entropy(model(x), y))
-    raise KeyboardInterrupt  # Ctrl-C, no close()
-""")
-
-
-def test_the_plain_form_flushes_at_interpreter_exit_without_mlflow_or_tensorboard(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, "-c", _PLAIN_FORM_INTERRUPTED, str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert "KeyboardInterrupt" in out.stderr
-    assert load_run(tmp_path)["loss"][0] == list(range(7))
-    assert load_run(tmp_path / "metrics.sqlite")["loss"][0] == list(range(7))
+    assert 0 < len(steps) < 40 and list(steps) == list(range(len(steps)))
+    # the interrupted plain form: every record reached both files at exit
+    assert load_run(plain)["loss"][0] == list(range(7))
+    assert load_run(plain / "metrics.sqlite")["loss"][0] == list(range(7))
 
 
 def test_an_unclosed_monitor_is_not_kept_alive(tmp_path):

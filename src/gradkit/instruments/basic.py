@@ -41,7 +41,11 @@ def global_norm_tensor(tensors: Tensors, ord: float = 2) -> Tensor:
     if not values:
         raise ValueError("a global norm needs at least one tensor")
     norms = torch._foreach_norm([v.detach() for v in values], ord)
-    return torch.linalg.vector_norm(torch.stack([n.to(torch.float64) for n in norms]), ord)
+    if len({n.dtype for n in norms}) == 1:  # one conversion instead of one per tensor
+        stacked = torch.stack(norms).to(torch.float64)
+    else:
+        stacked = torch.stack([n.to(torch.float64) for n in norms])
+    return torch.linalg.vector_norm(stacked, ord)
 
 
 def global_norm(tensors: Tensors) -> float:
