@@ -112,6 +112,15 @@ def test_a_diverging_run_warns_once_and_the_dashboard_marks_it(tmp_path):
     plt.close(fig)
 
 
+def test_a_dense_head_schedule_and_its_next_due():
+    ins = Loss(every=10, start=3, dense_until=20)
+    due = [t for t in range(60) if ins.due(t)]
+    assert due == [*range(3, 20), 23, 33, 43, 53]
+    assert [ins.next_due(t) for t in (0, 5, 19, 20, 24)] == [3, 5, 19, 23, 33]
+    with pytest.raises(ValueError, match="dense_until"):
+        Loss(dense_until=-1)
+
+
 def test_every_override_is_honoured_from_step_0():
     model = nn.Sequential(nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -26,8 +26,9 @@ from .gradients import GradientMoments, gradient_moments
 class Instrument:
     """Base class: a named measurement on a schedule.
 
-    An instrument runs at step ``t`` when ``t ≥ start`` and ``(t − start) % every == 0``;
-    override :meth:`due` for any other schedule.
+    An instrument runs at step ``t`` when ``t ≥ start`` and ``(t − start) % every == 0``, and
+    at every step from ``start`` to ``dense_until`` (default 0: never); override :meth:`due`
+    for any other schedule.
 
     Args:
         every: period in steps (a positive int).
@@ -51,6 +52,8 @@ class Instrument:
     #: False for instruments that only read tensors through the context: the Monitor then
     #: skips the sandbox (RNG/mode/buffer save-restore) unless the context needs the model
     touches_model: bool = True
+    #: also run at every step before this one (from ``start``)
+    dense_until: int = 0
 
     def __init__(self, every: int = 1, start: int = 0):
         if not isinstance(every, int) or every < 1:
@@ -62,7 +65,8 @@ class Instrument:
 
     def due(self, step: int) -> bool:
         """Whether the instrument runs at ``step``."""
-        return step >= self.start and (step - self.start) % self.every == 0
+        return step >= self.start and (step < self.dense_until
+                                       or (step - self.start) % self.every == 0)
 
     def next_due(self, step: int) -> int | None:
         """The first step ``>= step`` at which :meth:`due` holds, or ``None`` when a
@@ -70,7 +74,9 @@ class Instrument:
         if type(self).due is not Instrument.due:
             return None
         start, every = self.start, self.every
-        return start if step <= start else start - (start - step) // every * every
+        if step <= start:
+            return start
+        return step if step < self.dense_until else start - (start - step) // every * every
 
     def measure(self, ctx: StepContext) -> dict[str, Any]:
         """The quantities of this step, ``{key: value}`` (floats, ints, strings or lists)."""
@@ -86,7 +92,8 @@ class Instrument:
 
 def split_batch(batch: Any) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(inputs, targets)`` or ``(inputs, targets, example_ids)``."""
-    if not isinstance(batch, Sequence) or len(batch) not in (2, 3):
+    if (type(batch) not in (tuple, list) and not isinstance(batch, Sequence)) or \
+            len(batch) not in (2, 3):
         raise ValueError("a batch is (inputs, targets) or (inputs, targets, example_ids)")
     return batch[0], batch[1], batch[2] if len(batch) == 3 else None
 
@@ -158,17 +165,25 @@ class StepContext:
             guard.__enter__()
             self._sandbox = guard
 
+    def begin_phase(self) -> None:
+        """Start a measurement phase: :meth:`sandbox` may enter the sandbox from now on."""
+        self._in_phase = True
+
+    def end_phase(self) -> None:
+        """End the phase: leave the sandbox if it was entered."""
+        self._in_phase = False
+        guard, self._sandbox = self._sandbox, None
+        if guard is not None:
+            guard.__exit__(None, None, None)
+
     @contextmanager
     def phase(self) -> Iterator[None]:
-        """A measurement phase; the sandbox entered during it is left at its end."""
-        self._in_phase = True
+        """A measurement phase (:meth:`begin_phase` ... :meth:`end_phase`)."""
+        self.begin_phase()
         try:
             yield
         finally:
-            self._in_phase = False
-            guard, self._sandbox = self._sandbox, None
-            if guard is not None:
-                guard.__exit__(None, None, None)
+            self.end_phase()
 
     def _cached(self, key: str, fn: Callable[[], Any]) -> Any:
         if key not in self._cache:
