@@ -54,7 +54,7 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)  # full batch: plain GD
     run_dir = Path(args.run_dir)
     for name in ("metrics.jsonl", "metrics.sqlite"):
-        (run_dir / name).unlink(missing_ok=True)  # a fresh run
+        (run_dir / name).unlink(missing_ok=True)  # one run (else earlier runs are drawn too)
     monitor = Monitor(model, mse, opt, log_dir=run_dir, instruments=[
         Loss(every=1), GradNorm(every=1),
         Sharpness(every=args.sharpness_every, data=(x, y)),

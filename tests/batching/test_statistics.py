@@ -186,3 +186,50 @@ def test_bad_arguments():
         norm_test(KAT, batch_size=0)
     with pytest.raises(ValueError, match="max_batch_size"):
         norm_test(KAT, max_batch_size=0)
+
+
+def test_statistics_read_the_shared_gradient_moments():
+    """One owner (issue 11): the batch-size tests read the GradientMoments that coherence,
+    noise scale and SNR read, whether given raw gradients or the moments themselves."""
+    from gradkit.instruments import gradient_moments
+
+    g = torch.randn(12, 7, dtype=torch.float64) + 0.5
+    want = gradient_statistics(g)
+    assert gradient_statistics(gradient_moments(g)) == want
+    g32 = g.float()  # float32 reductions (the Monitor's) agree to float32 accuracy
+    got = gradient_statistics(gradient_moments(g32))
+    for field in ("mean_sq_norm", "variance_trace", "inner_product_variance",
+                  "orthogonal_variance", "max_coordinate_ratio"):
+        assert getattr(got, field) == pytest.approx(getattr(gradient_statistics(g32), field),
+                                                    rel=1e-5)
+
+
+def test_the_monitor_computes_per_example_moments_once_per_step(monkeypatch):
+    import gradkit.batching.statistics as stats_module
+    import gradkit.instruments.core as core
+    from gradkit.instruments import (
+        Coherence,
+        GradientMoments,
+        GradientSNR,
+        GradientTests,
+        Monitor,
+        NoiseScale,
+    )
+
+    calls = []
+
+    def counting(g, **kwargs):
+        if not isinstance(g, GradientMoments):
+            calls.append(1)
+        return real(g, **kwargs)
+
+    real = core.gradient_moments
+    monkeypatch.setattr(core, "gradient_moments", counting)
+    monkeypatch.setattr(stats_module, "gradient_moments", counting)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    mon = Monitor(model, nn.functional.cross_entropy, instruments=[
+        Coherence(), NoiseScale(), GradientSNR(), GradientTests()])
+    mon.step((torch.randn(8, 3), torch.randint(0, 2, (8,))))
+    mon.flush()
+    assert len(calls) == 1
+    assert {"m_coherence", "noise_scale", "grad_snr", "norm_test"} <= set(mon.history[0])

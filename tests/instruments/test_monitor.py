@@ -299,7 +299,10 @@ def test_default_instruments_schedule():
     model = nn.Linear(3, 2)
     names = {i.name: i for i in default_instruments(torch.optim.SGD(model.parameters(), 0.1))}
     assert "precond_sharpness" not in names and "neural_collapse" not in names
-    assert names["loss"].every == 25 and names["sharpness"].start == 1000
+    # issue 10: the loss at every step of a short run (it was every 25), then every 10
+    loss = names["loss"]
+    assert [t for t in range(130) if loss.due(t)] == [*range(100), 100, 110, 120]
+    assert names["sharpness"].start == 1000
     adam = default_instruments(torch.optim.Adam(model.parameters()), classifier="fc")
     assert {"precond_sharpness", "neural_collapse"} <= {i.name for i in adam}
 

@@ -8,8 +8,8 @@ r"""Learning rate as a function of batch size (Granziol, Zohren & Roberts, JMLR 
     \end{aligned}
 
 Paper: "Learning Rates as a Function of Batch Size: A Random Matrix Theory Approach to Neural
-Network Training" (arXiv 2006.09092). No reference code exists; the rules are the paper's
-(``shared/specs/methods.md`` §13). They hold below the critical batch size, whose value the
+Network Training" (arXiv 2006.09092). No reference code exists; the rules are the paper's.
+They hold below the critical batch size, whose value the
 paper does not pin down, so the caller decides when to stop growing the batch.
 """
 

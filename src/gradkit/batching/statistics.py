@@ -27,7 +27,7 @@ A test *passes* at batch size :math:`b` when :math:`r \le b` (e.g. the norm test
 
 Paper: Lau, Liu & Kolar, "AdAdaGrad: Adaptive Batch Size Schemes for Adaptive Gradient
 Methods" (arXiv 2402.11215). Reference code matched: ``timlautk/AdAdaGrad`` (``tests.py``,
-``main.py``, HEAD cc126fb) as described in ``shared/specs/methods.md`` §4: variances and
+``main.py``, HEAD cc126fb): variances and
 squared norms are summed over all parameter tensors before dividing; the result is clipped
 to ``max_batch_size``; the batch size never decreases. Defaults η = θ = ν = 0.1.
 
@@ -47,7 +47,9 @@ Choices made here (documented and tested):
 * **Orthogonality when** :math:`\bar g = 0`: the projection coefficient is taken as 0 (as
   ⊥Grad's guard does), so :math:`g^\perp = g`.
 * All sums are accumulated in float64, one parameter tensor at a time (O(b·D_t) temporary
-  memory for the largest tensor), fully vectorised; results are Python floats.
+  memory for the largest tensor), fully vectorised; results are Python floats. The moments
+  come from :func:`gradkit.instruments.gradient_moments`, which the Monitor's coherence,
+  noise-scale and SNR instruments read too (it passes its own float32-reduced moments).
 
 :func:`gradient_statistics` exposes the η-free sufficient statistics (for instruments such
 as Cockpit-style NormTest / InnerTest / OrthoTest), and :meth:`GradientStatistics.norm_test_value`
@@ -66,6 +68,7 @@ import torch
 from torch import Tensor
 
 from gradkit._checks import check_positive, check_positive_int
+from gradkit.instruments.gradients import GradientMoments, gradient_moments, ratio
 
 PerExampleGrads = Mapping[str, Tensor] | Tensor | Sequence[Tensor]
 TestName = Literal["norm", "inner_product", "orthogonality", "augmented", "coordinate"]
@@ -129,84 +132,59 @@ class BatchSizeDecision:
     next_batch_size: int
 
 
-def _as_matrices(grads: PerExampleGrads) -> list[Tensor]:
-    if isinstance(grads, Tensor):
-        if grads.ndim != 2:
-            raise ValueError(
-                f"a per-example gradient matrix must have shape (B, D), got {tuple(grads.shape)};"
-                " pass a dict {name: (B, ...)} for per-parameter tensors"
-            )
-        tensors = [grads]
-    elif isinstance(grads, Mapping):
-        tensors = list(grads.values())
-    else:
-        tensors = list(grads)
-    if not tensors:
-        raise ValueError("no per-example gradients given")
-    b = tensors[0].shape[0] if tensors[0].ndim else 0
-    for t in tensors:
-        if t.ndim == 0 or t.shape[0] != b:
-            raise ValueError(
-                "every per-example gradient tensor needs the same leading batch dimension; "
-                f"got shapes {[tuple(x.shape) for x in tensors]}"
-            )
-    if b < 2:
-        raise ValueError(f"the batch-size tests need at least 2 per-example gradients, got {b}")
-    return [t.detach().reshape(b, -1) for t in tensors]
-
-
-def gradient_statistics(grads: PerExampleGrads, *, eps: float = 0.0) -> GradientStatistics:
-    """Sufficient statistics of per-example gradients for every batch-size test.
+def gradient_statistics(grads: PerExampleGrads | GradientMoments, *,
+                        eps: float = 0.0) -> GradientStatistics:
+    """Sufficient statistics of per-example gradients for every batch-size test, read from
+    their :class:`~gradkit.instruments.GradientMoments` (the moments that coherence, the
+    noise scale and the gradient SNR read too).
 
     Args:
         grads: ``{name: (B, *shape)}`` as returned by
-            :func:`gradkit.autodiff.per_example_grads`, a ``(B, D)`` matrix, or a sequence
-            of ``(B, ...)`` tensors.
+            :func:`gradkit.autodiff.per_example_grads`, a ``(B, D)`` matrix, a sequence
+            of ``(B, ...)`` tensors, or their precomputed moments. Moments are computed
+            here with float64 reductions.
         eps: added to :math:`\\bar g_j^2` in the coordinate-wise ratio (default 0).
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.batching import gradient_statistics
+        >>> s = gradient_statistics(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
+        >>> s.mean_sq_norm, s.variance_trace, s.inner_product_variance, s.orthogonal_variance
+        (4.0, 2.0, 8.0, 0.0)
     """
     if not (eps >= 0.0 and math.isfinite(eps)):
         raise ValueError(f"Invalid eps value: {eps}")
-    mats = _as_matrices(grads)
-    b = mats[0].shape[0]
-    means = [m.to(torch.float64).mean(0) for m in mats]
-    mean_sq = sum(float(mu.square().sum()) for mu in means)
-    var_sum = 0.0
-    dots = torch.zeros(b, dtype=torch.float64, device=mats[0].device)  # <g_i - ḡ, ḡ>
-    max_ratio = 0.0
-    for m, mu in zip(mats, means):
-        d = m.to(torch.float64) - mu
-        var_j = d.square().sum(0) / (b - 1)
-        var_sum += float(var_j.sum())
-        dots += d @ mu
-        noisy = var_j > 0
-        if bool(noisy.any()):
-            ratio = var_j[noisy] / (mu[noisy].square() + eps)
-            max_ratio = max(max_ratio, float(ratio.max()))
-    # <g_i, ḡ> = <d_i, ḡ> + ||ḡ||²; the constant shift does not change the variance.
-    ip_var = float(dots.var(correction=1))
-    # g⊥_i = g_i − c_i ḡ with c_i = <g_i, ḡ>/||ḡ||², mean(c_i) = 1, so g⊥_i = d_i − a_i ḡ with
-    # a_i = <d_i, ḡ>/||ḡ||², and the g⊥_i have mean zero.
-    a = dots / mean_sq if mean_sq > 0 else torch.zeros_like(dots)
-    ortho = 0.0
-    for m, mu in zip(mats, means):
-        d = m.to(torch.float64) - mu
-        ortho += float((d - a[:, None] * mu).square().sum())
-    ortho_var = ortho / (b - 1) if mean_sq > 0 else var_sum
+    mom = gradient_moments(grads, dtype=torch.float64)
+    b = mom.m
+    if b < 2:
+        raise ValueError(f"the batch-size tests need at least 2 per-example gradients, got {b}")
+    mean = mom.sum / b
+    var = mom.centred_sq / (b - 1)  # per coordinate, unbiased
+    mean_sq = float(mean @ mean)
+    var_sum = float(var.sum())
+    noisy = var > 0
+    max_ratio = float((var[noisy] / (mean[noisy].square() + eps)).max()) if bool(
+        noisy.any()) else 0.0
+    # <g_i, ḡ> = <g_i − ḡ, ḡ> + ||ḡ||²: the constant shift does not change the variance
+    ip_var = float(mom.dots.var(correction=1))
+    # g⊥_i = g_i − c_i ḡ with c_i = <g_i, ḡ>/||ḡ||² (mean 1), so g⊥_i − mean = d_i − a_i ḡ
+    # with d_i = g_i − ḡ, a_i = <d_i, ḡ>/||ḡ||², and Σ_i ||d_i − a_i ḡ||² equals
+    # Σ_i ||d_i||² − Σ_i <d_i, ḡ>²/||ḡ||²  (clamped at 0 against rounding)
+    if mean_sq > 0:
+        ortho = float(mom.centred_sq.sum()) - float(mom.dots @ mom.dots) / mean_sq
+        ortho_var = max(ortho, 0.0) / (b - 1)
+    else:
+        ortho_var = var_sum
     return GradientStatistics(b, mean_sq, var_sum, ip_var, ortho_var, max_ratio)
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    if denominator > 0:
-        return numerator / denominator
-    return 0.0 if numerator <= 0 else math.inf
 
 
 def _requirement(stats: GradientStatistics, numerator: float, denominator: float) -> float:
     """numerator / denominator, except that a zero mean gradient asks for an infinite batch
-    when the gradients are noisy at all (and for none when they are all zero)."""
+    when the gradients are noisy at all, and no noise asks for none."""
     if stats.mean_sq_norm == 0:
         return math.inf if stats.variance_trace > 0 else 0.0
-    return _ratio(numerator, denominator)
+    return 0.0 if numerator <= 0 else ratio(numerator, denominator)
 
 
 def _decide(test: str, r: float, batch_size: int, max_batch_size: int | None) -> BatchSizeDecision:

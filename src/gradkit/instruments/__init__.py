@@ -27,7 +27,7 @@ _EXPORTS = {
     "monitor": ["Monitor", "StepHandle"],
     "opposing": ["opposing_signals"],
     "dashboard": ["plot"],
-    "records": ["RunWriter", "load_run"],
+    "records": ["RunWriter", "load_run", "load_runs"],
     "stability": ["adam_preconditioner_sqrt_inv", "adam_threshold", "gd_threshold",
                   "heavy_ball_threshold", "hessian_trace", "preconditioned_sharpness",
                   "sharpness", "stability_threshold"],

@@ -20,37 +20,120 @@ def _values(tensors: Tensors) -> list[Tensor]:
     return list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
 
 
-def global_norm(tensors: Tensors) -> float:
-    """``sqrt(Σ_t ‖t‖²)`` over a set of tensors (the global gradient norm of ``p.grad``s)."""
+def global_norm_tensor(tensors: Tensors, ord: float = 2) -> Tensor:
+    """The ``ord``-norm of all tensors joined, as a 0-d float64 tensor on their device (no
+    synchronisation): the one gradient-norm computation of the Monitor's ``GradNorm`` and
+    of :class:`gradkit.schedules.GradNormRecorder`.
+
+    Args:
+        tensors: a sequence or ``{name: tensor}`` mapping of tensors (mixed dtypes allowed:
+            per-tensor norms are combined in float64).
+        ord: the norm's order (2 or 1, any order ``torch._foreach_norm`` accepts).
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments.basic import global_norm_tensor
+        >>> global_norm_tensor([torch.tensor([3.0]), torch.tensor([-4.0])], ord=1)
+        tensor(7., dtype=torch.float64)
+    """
     values = _values(tensors)
     if not values:
-        raise ValueError("global_norm needs at least one tensor")
-    norms = torch._foreach_norm([v.detach() for v in values])
-    return float(torch.linalg.vector_norm(torch.stack(norms)).item())
+        raise ValueError("a global norm needs at least one tensor")
+    norms = torch._foreach_norm([v.detach() for v in values], ord)
+    if len({n.dtype for n in norms}) == 1:  # one conversion instead of one per tensor
+        stacked = torch.stack(norms).to(torch.float64)
+    else:
+        stacked = torch.stack([n.to(torch.float64) for n in norms])
+    return torch.linalg.vector_norm(stacked, ord)
+
+
+def global_norm(tensors: Tensors) -> float:
+    """``sqrt(Σ_t ‖t‖²)`` over a set of tensors (the global gradient norm of ``p.grad``s).
+
+    Args:
+        tensors: a sequence or ``{name: tensor}`` mapping of tensors.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import global_norm
+        >>> global_norm({"w": torch.tensor([3.0]), "b": torch.tensor([4.0])})
+        5.0
+    """
+    return float(global_norm_tensor(tensors, 2).item())
 
 
 def layer_norms(tensors: Mapping[str, Tensor]) -> dict[str, float]:
-    """``{name: ‖t‖}`` for each tensor (per-layer gradient or weight norms)."""
+    """``{name: ‖t‖}`` for each tensor (per-layer gradient or weight norms).
+
+    Args:
+        tensors: ``{name: tensor}``.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import layer_norms
+        >>> layer_norms({"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([-2.0])})
+        {'w': 5.0, 'b': 2.0}
+    """
     names = list(tensors)
     norms = torch.stack(torch._foreach_norm([tensors[n].detach() for n in names])).tolist()
     return dict(zip(names, norms))
 
 
 def update_size(before: Tensors, after: Tensors) -> float:
-    """``‖θ_after − θ_before‖`` over all tensors (the size of one optimizer update)."""
+    """``‖θ_after − θ_before‖`` over all tensors (the size of one optimizer update).
+
+    Args:
+        before: the parameters before the step (a sequence or ``{name: tensor}``).
+        after: the parameters after it, in the same order.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import update_size
+        >>> update_size([torch.tensor([1.0, 1.0])], [torch.tensor([4.0, 5.0])])
+        5.0
+    """
     diffs = torch._foreach_sub([a.detach() for a in _values(after)], _values(before))
     return global_norm(diffs)
 
 
 def update_ratio(before: Tensors, after: Tensors) -> float:
-    """``‖θ_after − θ_before‖ / ‖θ_before‖`` (update/weight ratio; ``inf`` if θ_before = 0)."""
+    """``‖θ_after − θ_before‖ / ‖θ_before‖`` (update/weight ratio; ``inf`` if θ_before = 0).
+
+    Args:
+        before: the parameters before the step (a sequence or ``{name: tensor}``).
+        after: the parameters after it, in the same order.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import update_ratio
+        >>> update_ratio([torch.tensor([3.0, 4.0])], [torch.tensor([3.0, 4.5])])
+        0.1
+    """
     num, den = update_size(before, after), global_norm(before)
     return num / den if den > 0 else float("inf")
 
 
 def layer_update_ratios(before: Mapping[str, Tensor], after: Mapping[str, Tensor]
                         ) -> dict[str, float]:
-    """Per-tensor ``‖Δθ_l‖ / ‖θ_l‖`` (``inf`` for an all-zero tensor that moved)."""
+    """Per-tensor ``‖Δθ_l‖ / ‖θ_l‖`` (``inf`` for an all-zero tensor that moved).
+
+    Args:
+        before: ``{name: tensor}`` before the step.
+        after: ``{name: tensor}`` after it.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import layer_update_ratios
+        >>> before = {"w": torch.tensor([2.0]), "b": torch.tensor([0.0])}
+        >>> layer_update_ratios(before, {"w": torch.tensor([2.5]), "b": torch.tensor([0.1])})
+        {'w': 0.25, 'b': inf}
+    """
     names = list(before)
     diffs = torch._foreach_sub([after[n].detach() for n in names], [before[n] for n in names])
     num = torch.stack(torch._foreach_norm(diffs))
@@ -59,7 +142,7 @@ def layer_update_ratios(before: Mapping[str, Tensor], after: Mapping[str, Tensor
 
 
 def nlm_alignment(grads: Tensors, params: Tensors) -> float:
-    r"""Cosine between the descent direction ``−g`` and the weights ``θ`` (all tensors joined).
+    """Cosine between the descent direction ``−g`` and the weights ``θ`` (all tensors joined).
 
     The "naive loss minimization" direction of Prieto et al. (arXiv 2501.04697) is ``θ``
     itself: for a positively homogeneous network, scaling the weights up scales the logits and
@@ -67,6 +150,17 @@ def nlm_alignment(grads: Tensors, params: Tensors) -> float:
     prediction. ``nlm_alignment → 1`` means a gradient step mostly inflates the weights.
     Sign convention (our choice): the *descent* direction is compared, so a plain GD step
     ``θ ← θ − η g`` grows ``‖θ‖`` exactly when the value is positive.
+
+    Args:
+        grads: the gradients (a sequence or ``{name: tensor}``).
+        params: the parameters, in the same order.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import nlm_alignment
+        >>> nlm_alignment([torch.tensor([-2.0, 0.0])], [torch.tensor([1.0, 0.0])])
+        1.0
     """
     g = torch.cat([t.detach().reshape(-1) for t in _values(grads)])
     w = torch.cat([t.detach().reshape(-1) for t in _values(params)])
@@ -77,7 +171,18 @@ def nlm_alignment(grads: Tensors, params: Tensors) -> float:
 def max_abs_logit(logits: Tensor) -> float:
     """``max |z|`` over a batch of logits (the quantity whose growth precedes instabilities,
     Wortsman et al., "Small-scale proxies for large-scale Transformer training
-    instabilities")."""
+    instabilities").
+
+    Args:
+        logits: a tensor of logits, any shape.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import max_abs_logit
+        >>> max_abs_logit(torch.tensor([[1.0, -7.5], [2.0, 0.0]]))
+        7.5
+    """
     return float(logits.detach().abs().max().item())
 
 
@@ -92,7 +197,16 @@ def softmax_collapse_fraction(logits: Tensor) -> float:
     probability of the top class is exactly 1 and its cross-entropy gradient vanishes.
     Matches ``compute_softmax_collapse`` in the official code of Prieto et al. (arXiv
     2501.04697, ``logger.py``): computed in the dtype of ``logits`` (e.g. fp32), never upcast.
-    Logits are ``(..., C)``; all leading dimensions count as examples.
+
+    Args:
+        logits: ``(..., C)`` logits; all leading dimensions count as examples.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import softmax_collapse_fraction
+        >>> softmax_collapse_fraction(torch.tensor([[1000.0, 0.0, 0.0], [1.0, 0.0, 0.5]]))
+        0.5
     """
     z = logits.detach()
     shifted = z - z.max(dim=-1, keepdim=True).values
@@ -102,7 +216,18 @@ def softmax_collapse_fraction(logits: Tensor) -> float:
 
 def zero_loss_fraction(per_example_losses: Tensor) -> float:
     """Fraction of examples whose loss is exactly 0 (companion of the softmax-collapse
-    fraction, ``zero_terms`` in the official grokking code)."""
+    fraction, ``zero_terms`` in the official grokking code).
+
+    Args:
+        per_example_losses: a ``(B,)`` tensor of losses.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import zero_loss_fraction
+        >>> zero_loss_fraction(torch.tensor([0.0, 0.3, 0.0, 1.2]))
+        0.5
+    """
     return float((per_example_losses.detach() == 0).float().mean().item())
 
 
@@ -142,6 +267,23 @@ def per_example_losses(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Ten
     for its mean-reduced losses (``F.cross_entropy``, ``nn.MSELoss()``, ...; the mean over
     non-batch dimensions is taken, as the loss of a batch of one would), else a ``vmap`` of
     ``loss_fn`` over examples, so any mean-reduced ``loss_fn`` works. No gradient is recorded.
+
+    Args:
+        model: the network.
+        loss_fn: its mean-reduced ``loss_fn(outputs, targets)``.
+        inputs: a batch of inputs.
+        targets: their targets.
+        outputs: the model's outputs on ``inputs``, if already computed.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gradkit.instruments import per_example_losses
+        >>> logits = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+        >>> per_example_losses(nn.Identity(), nn.functional.cross_entropy, logits,
+        ...                    torch.tensor([0, 0])).round(decimals=4)
+        tensor([0.6931, 0.1269])
     """
     with torch.no_grad():
         out = model(inputs) if outputs is None else outputs.detach()

@@ -19,6 +19,9 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", metavar="PNG", default=None,
                    help="output PNG (default: dashboard.png next to the records)")
     p.add_argument("--title", default=None, help="figure title (default: the run path)")
+    p.add_argument("--run", metavar="ID", default=None, dest="run_id",
+                   help="draw only this run id (default: every run in the files, one colour "
+                        "each)")
     p.set_defaults(handler=_plot)
 
 
@@ -31,6 +34,6 @@ def _plot(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else records.parent / "dashboard.png"
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must be a .png file, got '{out}'")
-    path = plot_run(args.run, out, title=args.title)
+    path = plot_run(args.run, out, title=args.title, run_id=args.run_id)
     print(f"wrote {path}")
     return 0

@@ -61,8 +61,32 @@ def _cv(norms: Tensor) -> float:
 
 def neural_collapse(features: Tensor, labels: Tensor, weight: Tensor,
                     bias: Tensor | None = None) -> NeuralCollapse:
-    """NC1–NC4 of ``features`` (N × p) with integer ``labels`` (N,), classifier ``weight``
-    (C × p) and optional ``bias`` (C,). Computed in float64."""
+    """NC1–NC4 of last-layer features (Papyan, Han & Donoho, PNAS 2020), in float64.
+
+    With class means μ_c, global mean μ_G, M = [μ_c − μ_G], Σ_W the within-class and Σ_B the
+    between-class covariance: ``nc1`` = Tr(Σ_W Σ_B⁺)/C; ``nc2_equinorm_*`` the coefficient of
+    variation of ‖μ_c − μ_G‖ (features) or ‖w_c‖ (weights); ``nc2_equiangular_*`` the mean
+    |cos + 1/(C−1)| over class pairs and ``nc2_angle_std_*`` the std of those cosines;
+    ``nc3`` = ‖Wᵀ/‖W‖_F − M/‖M‖_F‖²_F; ``nc4`` the rate at which argmax_c(w_cᵀh + b_c)
+    (the classifier, an *argmax*) disagrees with the nearest class mean. Only classes
+    present in ``labels`` count.
+
+    Args:
+        features: ``(N, p)`` features entering the classifier.
+        labels: ``(N,)`` integer class labels in ``[0, C)``.
+        weight: ``(C, p)`` classifier weight.
+        bias: ``(C,)`` classifier bias (optional).
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import neural_collapse
+        >>> etf = torch.tensor([[1.0, 0.0], [-0.5, 3**0.5 / 2], [-0.5, -(3**0.5) / 2]])
+        >>> labels = torch.tensor([0, 1, 2, 0, 1, 2])
+        >>> nc = neural_collapse(etf[labels], labels, etf)  # collapsed features, W = M
+        >>> [round(v, 6) for v in (nc.nc1, nc.nc2_equinorm_features, nc.nc3, nc.nc4)]
+        [0.0, 0.0, 0.0, 0.0]
+    """
     h = features.detach().to(torch.float64).reshape(features.shape[0], -1)
     w = weight.detach().to(torch.float64)
     y = labels.detach().long()

@@ -15,10 +15,22 @@ from .opposing import opposing_signals
 
 
 class Loss(Instrument):
-    """``loss``: the value passed to ``monitor.step(loss=...)``, else the batch loss."""
+    """``loss``: the value passed to ``monitor.step(loss=...)``, else the batch loss.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        dense_until: also record every step before this one.
+    """
 
     name = "loss"
     touches_model = False
+
+    def __init__(self, every: int = 1, start: int = 0, *, dense_until: int = 0):
+        super().__init__(every, start)
+        if not isinstance(dense_until, int) or dense_until < 0:
+            raise ValueError(f"Invalid dense_until: {dense_until}")
+        self.dense_until = dense_until
 
     def measure(self, ctx: StepContext) -> dict[str, Any]:
         if ctx.loss is not None:
@@ -29,7 +41,14 @@ class Loss(Instrument):
 
 
 class GradNorm(Instrument):
-    """``grad_norm``: global L2 norm of the gradient."""
+    """``grad_norm``: global L2 norm of the gradient
+    (:func:`gradkit.instruments.basic.global_norm_tensor`, shared with
+    :class:`gradkit.schedules.GradNormRecorder`).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "grad_norm"
     touches_model = False
@@ -39,7 +58,12 @@ class GradNorm(Instrument):
 
 
 class LayerGradNorms(Instrument):
-    """``grad_norm/<param>``: per-parameter-tensor gradient norms."""
+    """``grad_norm/<param>``: per-parameter-tensor gradient norms.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "layer_grad_norms"
     touches_model = False
@@ -50,18 +74,29 @@ class LayerGradNorms(Instrument):
 
 class UpdateSize(Instrument):
     """``update_size`` ‖Δθ‖, ``update_ratio`` ‖Δθ‖/‖θ‖ and ``update_ratio/<param>`` of the
-    optimizer step taken between ``measure`` and ``measure_after``."""
+    optimizer step taken between ``measure`` and ``measure_after``.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "update"
     touches_model = False
     two_phase = True
 
+    def __init__(self, every: int = 1, start: int = 0):
+        super().__init__(every, start)
+        self._before: dict[str, Tensor] | None = None  # the parameters seen by measure
+
     def measure(self, ctx: StepContext) -> dict[str, Any]:
-        ctx._cache["update_before"] = {n: p.detach().clone() for n, p in ctx.params().items()}
+        self._before = {n: p.detach().clone() for n, p in ctx.params().items()}
         return {}
 
     def measure_after(self, ctx: StepContext) -> dict[str, Any]:
-        before = ctx._cache.pop("update_before")
+        before, self._before = self._before, None
+        if before is None:
+            return {}
         names = list(before)
         params = ctx.params()
         # the values of basic.update_size / update_ratio / layer_update_ratios, computed with
@@ -70,7 +105,9 @@ class UpdateSize(Instrument):
                                    [before[n] for n in names])
         num = torch.stack(torch._foreach_norm(diffs))
         den = torch.stack(torch._foreach_norm([before[n] for n in names]))
-        size, weight = torch.linalg.vector_norm(num), torch.linalg.vector_norm(den)
+        # combined in float64, as basic.global_norm_tensor does
+        size = torch.linalg.vector_norm(num.double())
+        weight = torch.linalg.vector_norm(den.double())
         size_f, weight_f, *layers = torch.cat([size[None], weight[None], num / den]).tolist()
         out = {"update_size": size_f,
                "update_ratio": size_f / weight_f if weight_f > 0 else float("inf")}
@@ -80,7 +117,12 @@ class UpdateSize(Instrument):
 
 class NLMAlignment(Instrument):
     """``nlm_alignment``: cos(−g, θ), the gradient's alignment with the naive loss
-    minimization direction (see :func:`gradkit.instruments.nlm_alignment`)."""
+    minimization direction (see :func:`gradkit.instruments.nlm_alignment`).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "nlm_alignment"
     touches_model = False
@@ -91,7 +133,12 @@ class NLMAlignment(Instrument):
 
 class LogitStats(Instrument):
     """``max_abs_logit``, ``logit_growth`` (change of max|z| per step since the previous
-    measurement), ``softmax_collapse`` and ``zero_loss_fraction`` on the batch outputs."""
+    measurement), ``softmax_collapse`` and ``zero_loss_fraction`` on the batch outputs.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "logits"
     touches_model = False
@@ -112,7 +159,12 @@ class LogitStats(Instrument):
 
 
 class Coherence(Instrument):
-    """``coherence_alpha`` α and ``m_coherence`` m·α from per-example gradients."""
+    """``coherence_alpha`` α and ``m_coherence`` m·α from the per-example gradient moments.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "coherence"
     touches_model = False
@@ -124,13 +176,20 @@ class Coherence(Instrument):
 
 class NoiseScale(Instrument):
     """Gradient noise scale ``B_simple``: ``noise_scale`` (ratio of the separately smoothed
-    |G|² and tr Σ, EMA ``beta``), ``noise_scale_raw`` (this step's ratio), ``noise_grad_sq``
-    and ``noise_trace_cov`` (smoothed).
+    |G|² and tr Σ), ``noise_scale_raw`` (this step's ratio), ``noise_grad_sq`` and
+    ``noise_trace_cov`` (smoothed).
 
-    ``method="per_example"`` uses the per-example estimator; ``"two_batch"`` splits the batch
-    into ``n_chunks`` small batches (B_small = B/n_chunks, one ``autograd.grad`` each, no
-    per-example gradients) whose average is the big batch, with ‖G_small‖² averaged over the
-    chunks (gpt-neox's scheme).
+    ``method="per_example"`` uses the per-example estimator on the shared moments;
+    ``"two_batch"`` splits the batch into ``n_chunks`` small batches (B_small =
+    B/n_chunks, one ``autograd.grad`` each, no per-example gradients) whose average is the
+    big batch, with ‖G_small‖² averaged over the chunks (gpt-neox's scheme).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        method: ``"per_example"`` or ``"two_batch"``.
+        n_chunks: small batches of the two-batch estimator (at least 2).
+        beta: EMA factor of :class:`~gradkit.instruments.NoiseScaleEMA`.
     """
 
     name = "noise_scale"
@@ -178,7 +237,12 @@ class NoiseScale(Instrument):
 
 
 class GradientSNR(Instrument):
-    """``grad_snr``: mean per-parameter gradient signal-to-noise ratio (GSNR)."""
+    """``grad_snr``: mean per-parameter gradient signal-to-noise ratio (GSNR).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "grad_snr"
     touches_model = False
@@ -188,10 +252,16 @@ class GradientSNR(Instrument):
 
 
 class GradientTests(Instrument):
-    """Cockpit-style NormTest / InnerTest / OrthoTest values from per-example gradients:
-    ``norm_test``, ``inner_test``, ``ortho_test``, the smallest η, θ, ν for which AdAdaGrad's
-    norm, inner-product and orthogonality batch-size tests pass at the current batch size
-    (computed by :func:`gradkit.batching.gradient_statistics`, not re-implemented here)."""
+    """Cockpit-style NormTest / InnerTest / OrthoTest values: ``norm_test``, ``inner_test``,
+    ``ortho_test``, the smallest η, θ, ν for which AdAdaGrad's norm, inner-product and
+    orthogonality batch-size tests pass at the current batch size (computed by
+    :func:`gradkit.batching.gradient_statistics` from the moments the other per-example
+    instruments read, not re-implemented here).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+    """
 
     name = "gradient_tests"
     touches_model = False
@@ -199,7 +269,7 @@ class GradientTests(Instrument):
     def measure(self, ctx: StepContext) -> dict[str, Any]:
         from gradkit.batching import gradient_statistics
 
-        stats = gradient_statistics(ctx.per_example_grads())
+        stats = gradient_statistics(ctx.per_example_moments())
         return {"norm_test": stats.norm_test_value(),
                 "inner_test": stats.inner_product_test_value(),
                 "ortho_test": stats.orthogonality_test_value()}
@@ -221,13 +291,19 @@ def _data(ctx: StepContext, data: Any) -> Any:
 
 
 class Sharpness(Instrument):
-    """``sharpness`` λ_max(∇²L) (Lanczos, relative tolerance ``tol``, warm-started from the
-    previous top eigenvector) and ``sharpness_threshold`` of the optimizer (2/η for GD,
-    (2+2β)/η heavy ball; see :mod:`.stability`) plus ``threshold_kind``.
+    """``sharpness`` λ_max(∇²L) (Lanczos, warm-started from the previous top eigenvector) and
+    ``sharpness_threshold`` of the optimizer (2/η for GD, (2+2β)/η heavy ball; see
+    :mod:`.stability`) plus ``threshold_kind``. For Adam the raw sharpness has no
+    closed-form threshold: use :class:`PreconditionedSharpness`.
 
-    ``data``: a fixed probe set (a batch or iterable of batches, e.g. the full training set
-    for edge-of-stability plots); default the current mini-batch. For Adam the raw sharpness
-    has no closed-form threshold: use :class:`PreconditionedSharpness`.
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        data: a fixed probe set (a batch or iterable of batches, e.g. the full training
+            set for edge-of-stability plots); default the current mini-batch.
+        k: number of top eigenvalues (``top_eigenvalues`` is recorded when ``k > 1``).
+        tol: relative eigenvalue tolerance of Lanczos.
+        warm_start: start Lanczos from the previous top eigenvector.
     """
 
     name = "sharpness"
@@ -255,7 +331,13 @@ class Sharpness(Instrument):
 
 class PreconditionedSharpness(Instrument):
     """``precond_sharpness`` λ_max(P^-1/2 H P^-1/2) with Adam's P = diag(√v̂ + ε) and
-    ``precond_threshold`` (2+2β₁)/((1−β₁)η). Skipped until Adam has state."""
+    ``precond_threshold`` (2+2β₁)/((1−β₁)η). Skipped until Adam has state.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        data: a fixed probe set (default: the current mini-batch).
+    """
 
     name = "precond_sharpness"
 
@@ -274,8 +356,15 @@ class PreconditionedSharpness(Instrument):
 
 
 class HessianTrace(Instrument):
-    """``hessian_trace`` (Hutchinson, ``n_probes``), its ``hessian_trace_stderr`` and, for
-    torch SGD, ``trace_threshold`` = 2/η (Wu, Wang & Su's bound for SGD-stable minima)."""
+    """``hessian_trace`` (Hutchinson), its ``hessian_trace_stderr`` and, for torch SGD,
+    ``trace_threshold`` = 2/η (Wu, Wang & Su's bound for SGD-stable minima).
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        data: a fixed probe set (default: the current mini-batch).
+        n_probes: number of Rademacher probes.
+    """
 
     name = "hessian_trace"
 
@@ -297,7 +386,14 @@ class HessianTrace(Instrument):
 class NeuralCollapse(Instrument):
     """NC1–NC4 (``nc1``, ``nc2_*``, ``nc3``, ``nc4``) of the features entering the
     ``nn.Linear`` named ``classifier`` (captured by a forward pre-hook), with that layer's
-    weight and bias. ``data``: a probe set ``(inputs, labels)`` (default: the batch)."""
+    weight and bias.
+
+    Args:
+        classifier: the name of the final ``nn.Linear`` in ``model.named_modules()``.
+        every: period in steps.
+        start: first step at which it runs.
+        data: a probe set ``(inputs, labels)`` (default: the batch).
+    """
 
     name = "neural_collapse"
 
@@ -324,10 +420,17 @@ class NeuralCollapse(Instrument):
 
 
 class OpposingSignals(Instrument):
-    """Opposing-signal groups over one optimizer step: ``opposing_up_index``/``_delta`` (top-k
-    loss increases), ``opposing_down_index``/``_delta`` (top-k decreases) and
+    """Opposing-signal groups over one optimizer step: ``opposing_up_index``/``_delta``
+    (top-k loss increases), ``opposing_down_index``/``_delta`` (top-k decreases) and
     ``loss_up_fraction``. Indices are the batch's example ids when the batch is
-    ``(x, y, ids)``, else positions; ``data`` fixes a probe set instead of the batch."""
+    ``(x, y, ids)``, else positions.
+
+    Args:
+        every: period in steps.
+        start: first step at which it runs.
+        k: size of each group.
+        data: a fixed probe set instead of the batch.
+    """
 
     name = "opposing"
     two_phase = True
@@ -337,6 +440,7 @@ class OpposingSignals(Instrument):
         if k < 1:
             raise ValueError(f"Invalid k: {k}")
         self.k, self.data = k, data
+        self._before: Tensor | None = None  # the per-example losses seen by measure
 
     def _losses(self, ctx: StepContext) -> Tensor:
         x, y, _ = split_batch(_data(ctx, self.data))
@@ -344,11 +448,13 @@ class OpposingSignals(Instrument):
 
     def measure(self, ctx: StepContext) -> dict[str, Any]:
         # both evaluations in the measurement mode (not the captured training forward)
-        ctx._cache["opposing_before"] = self._losses(ctx)
+        self._before = self._losses(ctx)
         return {}
 
     def measure_after(self, ctx: StepContext) -> dict[str, Any]:
-        before = ctx._cache.pop("opposing_before")
+        before, self._before = self._before, None
+        if before is None:
+            return {}
         index = ctx.index if self.data is None else split_batch(self.data)[2]
         res = opposing_signals(before, self._losses(ctx), self.k, index)
         return {"opposing_up_index": res.increase_index, "opposing_up_delta": res.increase_delta,
@@ -360,12 +466,13 @@ class OpposingSignals(Instrument):
 def default_instruments(optimizer: torch.optim.Optimizer | None = None, *,
                         classifier: str | None = None) -> list[Instrument]:
     """The default set and schedule, sized so that a 500-step run of a small MLP on digits
-    (about 0.6 ms per step) costs at most about 1.10x (``benchmarks/monitor_overhead.py``):
+    (about 0.7 ms per step) costs at most about 1.10x (``benchmarks/monitor_overhead.py``):
 
     ============================================  =======  =====  ==========================
     instruments                                   every    start  cost/call (training steps)
     ============================================  =======  =====  ==========================
-    loss, gradient norm                           25       0      ~0.02, ~0.1
+    loss (every step up to step 100)              10       0      ~0.02 + ~0.1 a record
+    gradient norm                                 10       0      ~0.1
     layer norms, update, NLM alignment, logits    100      0      ~0.05-0.6 each
     coherence, noise scale, SNR (shared           500      0      ~9 together,
     per-example gradients), opposing signals                      ~1
@@ -374,16 +481,33 @@ def default_instruments(optimizer: torch.optim.Optimizer | None = None, *,
     sharpness
     ============================================  =======  =====  ==========================
 
-    Choice: the Hessian instruments first run at step 1000, not at step 0, because one cold
-    Lanczos run costs as much as the whole 10% budget of a 500-step run of that model (the
-    benchmark prints the ratio with them at step 0 as well). Costs are in units of one
-    training step, so they carry over to other model sizes roughly; pass
-    ``Monitor(every={...})`` or your own instruments for denser schedules. Neural collapse is
-    added (every 500) when a ``classifier`` layer is named.
+    Choices: the loss is recorded at every step for the first 100 steps, so a short run has
+    a full loss curve (and an early divergence is seen at the step it happens), then every
+    10 steps: a record at every step costs about 0.1-0.2 training steps of this model
+    (building and writing the record costs more than reading the loss), i.e. 10-15% of a
+    500-step run, over the budget. The Hessian instruments first run at
+    step 1000, not at step 0, because one cold Lanczos run costs as much as the whole 10%
+    budget of a 500-step run of that model (the benchmark prints the ratio with them at step
+    0 as well); ``Monitor(every={"sharpness": 10})`` runs sharpness every 10 steps from step
+    0. Costs are in units of one training step, so they carry over to other model sizes
+    roughly. Neural collapse is added (every 500) when a ``classifier`` layer is named.
+
+    Args:
+        optimizer: Adam and AdamW add the preconditioned sharpness.
+        classifier: name of the final ``nn.Linear`` (adds neural collapse).
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import default_instruments
+        >>> opt = torch.optim.Adam(torch.nn.Linear(2, 2).parameters())
+        >>> [(i.name, i.every, i.start) for i in default_instruments(opt)][:3]
+        [('loss', 10, 0), ('grad_norm', 10, 0), ('layer_grad_norms', 100, 0)]
     """
     out: list[Instrument] = [
-        Loss(every=25), GradNorm(every=25), LayerGradNorms(every=100), UpdateSize(every=100),
-        NLMAlignment(every=100), LogitStats(every=100),
+        Loss(every=10, dense_until=100), GradNorm(every=10),
+        LayerGradNorms(every=100), UpdateSize(every=100), NLMAlignment(every=100),
+        LogitStats(every=100),
         Coherence(every=500), NoiseScale(every=500), GradientSNR(every=500),
         OpposingSignals(every=500),
         Sharpness(every=1000, start=1000), HessianTrace(every=1000, start=1000),

@@ -28,10 +28,27 @@ class OpposingSignals(NamedTuple):
 
 def opposing_signals(loss_before: Tensor, loss_after: Tensor, k: int = 8,
                      index: Tensor | None = None) -> OpposingSignals:
-    """Top-``k`` per-example loss increases and decreases between two evaluations.
+    """Top-``k`` per-example loss increases and decreases between two evaluations (the
+    opposing-signal groups of Rosenfeld & Risteski, ICLR 2024).
 
-    ``index`` maps positions to example ids (e.g. dataset indices of the batch); only
-    examples whose loss actually rose (fell) enter the increase (decrease) list.
+    Only examples whose loss actually rose (fell) enter the increase (decrease) list.
+
+    Args:
+        loss_before: ``(N,)`` per-example losses before the step(s).
+        loss_after: ``(N,)`` per-example losses after.
+        k: how many of each to return.
+        index: ``(N,)`` example ids for the positions (e.g. dataset indices of the batch);
+            default the positions.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.instruments import opposing_signals
+        >>> res = opposing_signals(torch.tensor([1.0, 1.0, 1.0, 1.0]),
+        ...                        torch.tensor([1.5, 0.2, 1.0, 1.1]), k=1,
+        ...                        index=torch.tensor([10, 11, 12, 13]))
+        >>> res.increase_index, res.decrease_index, res.fraction_increased
+        ([10], [11], 0.5)
     """
     if loss_before.shape != loss_after.shape or loss_before.dim() != 1:
         raise ValueError(f"need two (N,) loss vectors, got {tuple(loss_before.shape)} and "

@@ -15,6 +15,14 @@ they are when it runs: attached to the optimizer, that is after any clipping don
 parameter has a gradient is logged as NaN (``refine_schedule`` drops non-finite values).
 Norms are kept as tensors and converted to floats only when read, so recording does not
 synchronise with an accelerator.
+
+One computation, two front ends: the norm itself is
+:func:`gradkit.instruments.basic.global_norm_tensor`, which the Monitor's ``GradNorm``
+instrument uses too. The recorder stays a separate front end because schedule refinement
+needs what a Monitor does not give: every optimizer step without exception (a step
+pre-hook, so after any gradient clipping), the ℓ1 norm as well, no synchronisation with the
+device at each step, and a plain array to save and pass to :func:`refine_schedule`. The
+Monitor's ``grad_norm`` is a scheduled, stored diagnostic next to the other instruments.
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from gradkit.instruments.basic import global_norm_tensor
 
 NormKind = Literal["l2", "l1"]
 
@@ -68,9 +78,8 @@ class GradNormRecorder:
         if not grads:
             self._pending.append(torch.full((2,), math.nan, dtype=torch.float64))
             return
-        l2 = torch.stack([n.to(torch.float64) for n in torch._foreach_norm(grads, 2)])
-        l1 = torch.stack([n.to(torch.float64) for n in torch._foreach_norm(grads, 1)])
-        self._pending.append(torch.stack([torch.linalg.vector_norm(l2), l1.sum()]))
+        self._pending.append(torch.stack([global_norm_tensor(grads, 2),
+                                          global_norm_tensor(grads, 1)]))
 
     __call__ = record
 

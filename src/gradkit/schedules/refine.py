@@ -4,7 +4,7 @@ Defazio, Cutkosky, Mehta & Mishchenko, "When, Why and How Much? Adaptive Learnin
 Scheduling by Refinement" (arXiv 2310.07831; later "Optimal Linear Decay Learning Rate
 Schedules and Further Refinements"). Reference code matched:
 ``facebookresearch/adaptive_scheduling`` (``find_schedule.py``: ``find_closed_form_schedule``;
-``visual.py``: smoothing), as described in ``shared/specs/methods.md`` §7.
+``visual.py``: smoothing).
 
 Given per-step gradient norms :math:`G_1, \dots, G_T` of a previous run:
 
