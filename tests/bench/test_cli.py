@@ -210,7 +210,7 @@ def test_a_second_run_on_the_same_database_is_refused_while_the_first_runs(tmp_p
               "with RunLock(Path(sys.argv[1])):\n print('locked', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", script, str(db)], stdout=subprocess.PIPE,
                               text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                                  sys.path)})
+                                  os.path.abspath(p) for p in sys.path)})
     try:
         assert holder.stdout.readline().strip() == "locked"
         code, stdout, stderr = run_cli(*TINY, "--out", str(out))

@@ -111,3 +111,29 @@ def test_trial_key_is_stable_and_sensitive():
     changed = [("quick", "2", *args[2:]), (*args[:4], {"lr": 0.02}, 0), (*args[:5], 1),
                (*args[:3], "sgd", *args[4:])]
     assert len({trial_key(*c) for c in changed} | {trial_key(*args)}) == 5
+
+
+def test_optimizer_settings_fix_or_search_hyperparameters():
+    fixed = bopt.resolve_optimizer("adamw:weight_decay=0.1")
+    assert fixed.name == "adamw:weight_decay=0.1" and set(fixed.search) == {"lr"}
+    assert all(c["weight_decay"] == 0.1 for c in fixed.configs(3, 0))
+    ranged = bopt.resolve_optimizer("adamw:weight_decay=1e-4..1e-1")
+    assert set(ranged.search) == {"lr", "weight_decay"}
+    assert ranged.defaults["weight_decay"] == 0.01  # AdamW's own default is inside the range
+    assert len({c["weight_decay"] for c in ranged.configs(4, 0)}) == 5
+    one = bopt.resolve_optimizer("adamw:lr=0.01")  # nothing left to search: one config
+    assert one.search == {} and {json_key(c) for c in one.configs(4, 0)} == {'{"lr": 0.01}'}
+    muon = bopt.resolve_optimizer("muon:lr=0.02")  # a fixed lr fixes what is tied to it
+    assert muon.configs(1, 0)[0] == {"lr": 0.02, "adamw_lr": 0.0003}
+    user = bopt.resolve_optimizer("tests.bench.fixture_user:SignSGD:lr=1e-3..1e-1")
+    assert user.search["lr"] == LogUniform(1e-3, 1e-1) and user.defaults == {"lr": 0.01}
+    for bad, message in (("adamw:wd=1", "AdamW takes no wd"), ("adamw:lr=0..1", "a range"),
+                         ("adamw:lr=1,lr=2", "set twice"), ("adamw:=3", "malformed")):
+        with pytest.raises(UsageError, match=message):
+            bopt.resolve_optimizer(bad)
+
+
+def json_key(config):
+    import json
+
+    return json.dumps(config, sort_keys=True)

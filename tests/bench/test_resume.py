@@ -24,7 +24,10 @@ def _command(out: Path) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    # this checkout's src first: a relative or missing PYTHONPATH must not let the child
+    # import another gradkit (e.g. an editable install of a different checkout)
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path,
             "GRADKIT_TEST_SLEEP": "0.01"}
 
 

@@ -85,7 +85,8 @@ def test_wal_database_in_a_read_only_directory_is_readable(tmp_path):
               f"mount -o remount,ro,bind {shlex.quote(str(folder))} && "
               f"touch {shlex.quote(str(folder))}/probe 2>/dev/null && echo writable; "
               f"{shlex.quote(sys.executable)} -c {shlex.quote(_READ)} {shlex.quote(str(db))}")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        os.path.abspath(p) for p in sys.path)}
     done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True,
                           text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -169,6 +169,8 @@ class ProcessExecutor:
             self._replace(i)
 
     def _replace(self, i: int) -> None:
+        # Started from this dispatcher thread: its death signal (PR_SET_PDEATHSIG) fires when
+        # this thread ends, i.e. at close()/abort(), when no trial is left to run.
         self._workers[i] = _Worker(self._ctx)
 
     def _fail_all(self, exc: BaseException) -> None:

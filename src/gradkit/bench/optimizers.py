@@ -109,12 +109,14 @@ class OptimizerSpec:
         return self.factory(params, **hparams)
 
 
-def _default_lr(factory: Callable[..., Any]) -> float | None:
+def _default_of(factory: Callable[..., Any], name: str) -> float | None:
+    """The constructor's default for keyword ``name`` if it is a positive finite number."""
     try:
-        parameter = inspect.signature(factory).parameters.get("lr")
+        parameter = inspect.signature(factory).parameters.get(name)
     except (TypeError, ValueError):
         return None
-    if parameter is None or parameter.default is inspect.Parameter.empty:
+    if parameter is None or parameter.default is inspect.Parameter.empty or isinstance(
+            parameter.default, bool):
         return None
     try:
         value = float(parameter.default)
@@ -124,7 +126,7 @@ def _default_lr(factory: Callable[..., Any]) -> float | None:
 
 
 def _spec(name: str, factory: Callable[..., Any], entry: TableEntry | None) -> OptimizerSpec:
-    lr0 = _default_lr(factory)
+    lr0 = _default_of(factory, "lr")
     if entry is not None:
         space = LogUniform(*entry.lr)
         fixed, groups, tied = dict(entry.fixed), entry.param_groups, dict(entry.tied)
@@ -228,16 +230,6 @@ def _with_settings(spec: OptimizerSpec, settings: str, source: str) -> Optimizer
                 space.low <= default <= space.high else space.centre()
     return replace(spec, name=source, search=new_search, defaults=defaults, fixed=new_fixed,
                    tied=tied)
-
-
-def _default_of(factory: Callable[..., Any], name: str) -> float | None:
-    try:
-        parameter = inspect.signature(factory).parameters.get(name)
-    except (TypeError, ValueError):
-        return None
-    if parameter is None or isinstance(parameter.default, bool):
-        return None
-    return parameter.default if isinstance(parameter.default, (int, float)) else None
 
 
 def resolve_optimizer(source: str) -> OptimizerSpec:

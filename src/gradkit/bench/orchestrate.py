@@ -24,7 +24,8 @@ from gradkit.errors import GradkitError
 
 
 class WorkerError(GradkitError):
-    """A worker process died (not a trial failure: those are recorded as ``failed``)."""
+    """The run cannot go on: a worker process could not start. (A trial whose worker dies or
+    times out is an outcome, ``crashed`` or ``failed``, and the run goes on.)"""
 
 
 @dataclass
