@@ -63,7 +63,7 @@ def test_hutchpp_converges_to_1e_3():
 
 
 def test_hutchpp_rejects_tiny_budget():
-    with pytest.raises(ValueError, match="n_matvecs"):
+    with pytest.raises(ValueError, match="num_matvecs"):
         hutchpp_trace(MatrixOperator(torch.eye(5, dtype=F64)), 3)
 
 
