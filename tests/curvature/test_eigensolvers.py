@@ -1,4 +1,4 @@
-"""KAT 6: Lanczos and power iteration on known spectra."""
+"""Known-answer test 6 (docs/curvature.md): Lanczos and power iteration on known spectra."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""KATs 4, 5, 10, 11 and the empirical Fisher: operators against dense float64 oracles."""
+"""Known-answer tests 4, 5, 10, 11 (docs/curvature.md) and the empirical Fisher: operators
+against dense float64 oracles."""
 
 import pytest
 import torch

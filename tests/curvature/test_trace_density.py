@@ -1,4 +1,5 @@
-"""KATs 7 and 8: Hutchinson / Hutch++ on non-diagonal matrices, SLQ density."""
+"""Known-answer tests 7 and 8 (docs/curvature.md): Hutchinson / Hutch++ on non-diagonal
+matrices, SLQ density."""
 
 import pytest
 import torch

@@ -166,7 +166,8 @@ def hvp(
     Args:
         model: the network (read, never modified; its current mode is used as is).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        inputs, targets: the batch.
+        inputs: the batch's inputs.
+        targets: the batch's targets.
         v: a flat vector ``(n,)``, a block ``(n, k)`` of ``k`` vectors as columns, or a
             ``{name: tensor}`` dict shaped like the chosen parameters.
         params: names of the parameters (default: all trainable); the Hessian is the block of
@@ -177,6 +178,17 @@ def hvp(
 
     Returns:
         ``H v`` in the same layout as ``v``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gradkit.curvature import hvp
+        >>> X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> model = nn.Linear(3, 1, bias=False).double()
+        >>> v = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+        >>> torch.allclose(hvp(model, nn.functional.mse_loss, X, Y, v), 2 / 8 * X.T @ X @ v)
+        True
     """
     flat, chosen, rest = split_params(model, params)
 

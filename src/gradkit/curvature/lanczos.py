@@ -187,6 +187,18 @@ def lanczos(
 
     Returns:
         ``(eigenvalues (k,), eigenvectors (n, k))`` [, info].
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.curvature import MatrixOperator, lanczos
+        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> vals, vecs, info = lanczos(MatrixOperator(A), k=3, tol=1e-8, return_info=True,
+        ...                            generator=torch.Generator().manual_seed(0))
+        >>> vals.round(decimals=6)
+        tensor([100.,  99.,  98.], dtype=torch.float64)
+        >>> bool((info.residuals <= 1e-8 * vals).all()), vecs.shape
+        (True, torch.Size([100, 3]))
     """
     n = op.shape[0]
     if not 1 <= k <= n:
@@ -286,6 +298,27 @@ def power_iteration(
     (a residual test; PyHessian stops when consecutive Rayleigh quotients agree to ``tol``,
     which can stop early on slowly converging problems). Eigenvalues are returned in the
     order found (descending magnitude); eigenvectors as columns ``(n, k)``.
+
+    Args:
+        op: the operator.
+        k: number of eigenpairs.
+        max_iter: products per eigenpair before giving up with a ``RuntimeWarning``.
+        tol: relative residual tolerance (above).
+        generator: source of the random start vectors.
+        return_info: also return an :class:`EigenInfo`.
+
+    Returns:
+        ``(eigenvalues (k,), eigenvectors (n, k))`` [, info].
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.curvature import MatrixOperator, power_iteration
+        >>> A = torch.diag(torch.tensor([-10.0, 3.0, 1.0], dtype=torch.float64))
+        >>> vals, _ = power_iteration(MatrixOperator(A), 1, tol=1e-10,
+        ...                           generator=torch.Generator().manual_seed(0))
+        >>> round(float(vals[0]), 6)  # largest magnitude, not largest algebraic
+        -10.0
     """
     n = op.shape[0]
     if not 1 <= k <= n:

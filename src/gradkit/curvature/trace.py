@@ -17,7 +17,8 @@ SOSA 2021, Algorithm 1) with ``m`` products: ``m/3`` sketch products :math:`AS`,
 
 Its ``stderr`` is that of the second (random) term given ``Q``; the estimate is unbiased
 for any ``Q``. Rademacher probes everywhere. On a diagonal matrix Rademacher Hutchinson is
-exact with zero variance, so tests use non-diagonal matrices (HE ``tests/test_trace.py``).
+exact with zero variance, so tests use non-diagonal matrices (as hessian-eigenthings'
+``tests/test_trace.py`` does).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from gradkit.curvature._random import rademacher, randn, resolve_generator
 
 @dataclass
 class TraceEstimate:
-    """A trace estimate with its standard error and the products it used."""
+    """A trace estimate with its standard error and the products it used (``float(est)`` is
+    the estimate)."""
 
     estimate: float
     stderr: float
