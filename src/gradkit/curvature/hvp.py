@@ -184,10 +184,11 @@ def hvp(
         >>> import torch
         >>> from torch import nn
         >>> from gradkit.curvature import hvp
-        >>> X, Y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
-        >>> model = nn.Linear(3, 1, bias=False).double()
-        >>> v = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
-        >>> torch.allclose(hvp(model, nn.functional.mse_loss, X, Y, v), 2 / 8 * X.T @ X @ v)
+        >>> model = nn.Linear(2, 1).double()  # parameters: weight (1, 2), then bias (1,)
+        >>> X, Y = torch.randn(4, 2).double(), torch.randn(4, 1).double()
+        >>> Hv = hvp(model, nn.functional.mse_loss, X, Y, torch.ones(3).double())
+        >>> X1 = torch.cat([X, torch.ones(4, 1).double()], dim=1)  # bias as a constant input
+        >>> torch.allclose(Hv, 2 / 4 * X1.T @ X1 @ torch.ones(3).double())
         True
     """
     flat, chosen, rest = split_params(model, params)

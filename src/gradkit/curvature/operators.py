@@ -351,9 +351,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
     per-example losses (the ``N`` numbers ``g_i^T t``) followed by one ``vjp``.
 
     Args:
-        model, loss_fn, data, params: as for :class:`CurvatureOperator`.
-        **kwargs: ``dtype``, ``reduction``, ``check_deterministic``, ``chunk_size``,
-            ``mode`` of :class:`CurvatureOperator`.
+        model, loss_fn, data, params, **kwargs: as for :class:`GGNOperator`.
 
     Example::
 
