@@ -87,7 +87,7 @@ from torch.autograd.function import once_differentiable
 from gradkit.curvature._operator import LinearOperator
 from gradkit.curvature.cg import conjugate_gradient
 
-__all__ = ["ImplicitDiffWarning", "custom_fixed_point", "custom_root"]
+__all__ = ["ImplicitDiffWarning", "custom_fixed_point", "custom_root", "hypergradient"]
 
 Solution = Tensor | tuple[Tensor, ...]
 LinearSolve = Literal["cg", "normal_cg"] | Callable[[Callable[[Tensor], Tensor], Tensor], Tensor]
@@ -399,3 +399,75 @@ def custom_fixed_point(
         return t - x
 
     return custom_root(optimality_fn, solve, tol=tol, maxiter=maxiter, ridge=ridge)
+
+
+def hypergradient(
+    outer_loss: Callable[..., Tensor],
+    inner_loss: Callable[..., Tensor],
+    y: Tensor,
+    theta: Sequence[Tensor],
+    *,
+    solve: LinearSolve = "cg",
+    tol: float = 1e-5,
+    maxiter: int | None = None,
+    ridge: float = 0.0,
+) -> tuple[Tensor, ...]:
+    r"""Gradient of a bilevel objective :math:`\Phi(\theta) = f(y^\star(\theta), \theta)`,
+    :math:`y^\star(\theta) = \arg\min_y g(y, \theta)`, at a given inner solution ``y``.
+
+    With :math:`g` strongly convex in :math:`y` (stationarity :math:`\nabla_y g = 0`):
+
+    .. math::
+        \nabla \Phi(\theta) = \nabla_\theta f - \nabla^2_{\theta y} g\, z, \qquad
+        \nabla^2_{yy} g\, z = \nabla_y f,
+
+    all at :math:`(y, \theta)`. This is :func:`custom_root` with the optimality function
+    :math:`F = \nabla_y g` applied to ``y`` (so :math:`z` is found by conjugate gradient with
+    Hessian-vector products, never forming a Hessian), followed by autograd on
+    :math:`f`; the direct term :math:`\nabla_\theta f` is included.
+
+    Args:
+        outer_loss: ``f(y, *theta)``, a scalar tensor.
+        inner_loss: ``g(y, *theta)``, a scalar tensor, twice differentiable.
+        y: the inner solution (any solver; it should satisfy :math:`\nabla_y g \approx 0`).
+        theta: the hyperparameters (tensors).
+        solve: linear solver of :func:`custom_root`; default ``"cg"`` (the Hessian of a
+            strongly convex :math:`g` is symmetric positive definite).
+        tol: as in :func:`custom_root`.
+        maxiter: as in :func:`custom_root`.
+        ridge: as in :func:`custom_root`.
+
+    Returns:
+        The gradient with respect to each tensor of ``theta`` (zeros where it does not
+        enter), a tuple.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.implicit import hypergradient
+        >>> f = lambda y, x: 0.5 * ((y - 1.0) ** 2).sum()  # outer
+        >>> g = lambda y, x: 0.5 * ((y - x) ** 2).sum()    # inner: y*(x) = x
+        >>> x = torch.tensor([3.0, 4.0], dtype=torch.float64)
+        >>> hypergradient(f, g, x.clone(), (x,), tol=1e-12)  # = x - 1
+        (tensor([2., 3.], dtype=torch.float64),)
+    """
+    theta = tuple(theta)
+    if not all(isinstance(t, Tensor) and t.is_floating_point() for t in theta):
+        raise TypeError("theta must be a sequence of floating-point tensors")
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a tensor, got {type(y).__name__}")
+
+    def grad_g(yy: Tensor, *th: Tensor) -> Tensor:  # F = nabla_y g, differentiable in y, theta
+        with torch.enable_grad():
+            if not yy.requires_grad:
+                yy = yy.detach().requires_grad_()
+            return torch.autograd.grad(inner_loss(yy, *th), yy, create_graph=True)[0]
+
+    root = custom_root(grad_g, solve, tol=tol, maxiter=maxiter, ridge=ridge)(
+        lambda init, *th: y.detach()
+    )
+    with torch.enable_grad():
+        th = tuple(t.detach().requires_grad_() for t in theta)
+        f = outer_loss(root(None, *th), *th)
+        gs = torch.autograd.grad(f, th, allow_unused=True)
+    return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(gs, theta))

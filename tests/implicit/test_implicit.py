@@ -313,3 +313,39 @@ def test_matches_torchopt_implicit_gradients():
     (g1,) = torch.autograd.grad(ours.sum(), ll1)
     assert torch.allclose(ours, theirs)
     assert torch.allclose(g1, g2, atol=1e-9, rtol=0)
+
+
+# ---------------------------------------------------------------- bilevel hypergradient
+
+
+def test_hypergradient_known_answer_quadratic():
+    # f = 0.5 ||y - a||^2, g = 0.5 ||y - x||^2: y* = x, grad Phi = x - a
+    a = torch.tensor([0.5, -1.0], dtype=D)
+    x = torch.tensor([3.0, 4.0], dtype=D)
+    (g,) = I.hypergradient(
+        lambda y, x: 0.5 * ((y - a) ** 2).sum(), lambda y, x: 0.5 * ((y - x) ** 2).sum(),
+        x.clone(), (x,), tol=1e-12,
+    )
+    assert torch.allclose(g, x - a)
+
+
+@pytest.mark.parametrize("solve", ["cg", "normal_cg"])
+def test_hypergradient_ridge_validation_loss_matches_closed_form(solve):
+    # outer: validation loss + 0.1 lam^2 (a direct term); inner: ridge on the training set
+    X, y = ridge_problem(n=20, d=4)
+    Xv, yv = X[:7] + 0.1, y[:7] - 0.2
+
+    def outer(w, lam, yt):
+        return 0.5 * ((Xv @ w - yv) ** 2).sum() + 0.1 * lam**2
+
+    def inner(w, lam, yt):
+        return 0.5 * ((X @ w - yt) ** 2).sum() + 0.5 * lam * (w @ w)
+
+    lam = torch.tensor(0.8, dtype=D)
+    w_star = ridge_closed(lam, X, y)
+    grads = I.hypergradient(outer, inner, w_star, (lam, y), solve=solve, tol=1e-13)
+    lr, yr = lam.clone().requires_grad_(), y.clone().requires_grad_()
+    ref = torch.autograd.grad(outer(ridge_closed(lr, X, yr), lr, yr), (lr, yr))
+    for a, b in zip(grads, ref):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
+    assert not lam.requires_grad and grads[0].requires_grad is False
