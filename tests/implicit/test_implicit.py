@@ -349,3 +349,25 @@ def test_hypergradient_ridge_validation_loss_matches_closed_form(solve):
     for a, b in zip(grads, ref):
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
     assert not lam.requires_grad and grads[0].requires_grad is False
+
+
+def test_hyper_cleaning_example_improves_over_noisy_training(monkeypatch, capsys):
+    import re
+    import runpy
+    from pathlib import Path
+
+    pytest.importorskip("sklearn")
+    script = Path(__file__).resolve().parents[2] / "examples" / "hyper_cleaning.py"
+    monkeypatch.setattr("sys.argv", [str(script), "--outer-steps", "5"])
+    threads = torch.get_num_threads()
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    acc = {
+        m.group(1): float(m.group(3))
+        for m in re.finditer(r"^(trained on noisy labels|hyper-cleaned).*?([\d.]+)\s+([\d.]+)$",
+                             out, re.M)
+    }
+    assert acc["hyper-cleaned"] > acc["trained on noisy labels"] + 0.03
