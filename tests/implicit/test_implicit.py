@@ -371,3 +371,28 @@ def test_hyper_cleaning_example_improves_over_noisy_training(monkeypatch, capsys
                              out, re.M)
     }
     assert acc["hyper-cleaned"] > acc["trained on noisy labels"] + 0.03
+
+
+def test_solver_that_uses_autograd_itself():
+    # an inner solver written with torch.optim and loss.backward() (it enables autograd locally)
+    X, y = ridge_problem(n=12, d=3)
+
+    def solver(init, lam, X, y):
+        assert not lam.requires_grad  # the solver sees detached hyperparameters
+        w = init.clone().requires_grad_()
+        opt = torch.optim.LBFGS([w], max_iter=100, tolerance_grad=1e-12, tolerance_change=0)
+        with torch.enable_grad():
+            def closure():
+                opt.zero_grad()
+                loss = 0.5 * ((X @ w - y) ** 2).sum() + 0.5 * lam * (w @ w)
+                loss.backward()
+                return loss
+            opt.step(closure)
+        return w
+
+    lam = torch.tensor(0.3, dtype=D, requires_grad=True)
+    w = custom_root(ridge_F, "cg", tol=1e-12)(solver)(torch.zeros(3, dtype=D), lam, X, y)
+    (g,) = torch.autograd.grad(w.sum(), lam)
+    lam2 = torch.tensor(0.3, dtype=D, requires_grad=True)
+    (ref,) = torch.autograd.grad(ridge_closed(lam2, X, y).sum(), lam2)
+    assert torch.allclose(g, ref, atol=1e-8, rtol=0)
