@@ -27,6 +27,12 @@ float64 Hessian from ``to_dense()``).
    several budgets vs the running mean of PyHessian's ``trace()`` Hutchinson samples (plus
    the probe count a 1% standard error needs, extrapolated from their sample variance).
 4. Cost of one Hessian-vector product relative to one gradient on the same batch.
+5. Block products against curvlinops (``--sections block``; needs
+   ``pip install curvlinops-for-pytorch``, not a gradkit dependency because its torchvision
+   requirement replaces a CPU build of torch): the time of one 16-column product in units of
+   one single product, for each tool, and the wall time of Hutch++ with 48 products
+   (``hutchpp_trace`` of both tools) on the MLP, side by side with their ratio. CPU time is
+   printed as well, since wall time on a loaded machine mixes in other processes.
 """
 
 from __future__ import annotations
@@ -281,6 +287,59 @@ def bench_hvp_cost(name, model, X, y, rounds=15, calls=3):
               f"{statistics.median(ratios[label]):5.2f}x gradient")
 
 
+def bench_block(name, model, X, y, rounds=3, k=16, budget=48):
+    try:
+        import curvlinops
+    except ImportError:
+        print(f"\n[{name}] block products vs curvlinops: skipped (pip install "
+              "curvlinops-for-pytorch)")
+        return
+    op = C.HessianOperator(model, nn.functional.cross_entropy, (X, y))
+    theirs = curvlinops.HessianLinearOperator(model, nn.CrossEntropyLoss(),
+                                               [p for p in model.parameters()], [(X, y)])
+    V = torch.randn(op.shape[0], k, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+
+    def their_hutchpp():
+        torch.manual_seed(1)  # curvlinops draws its probes from the global RNG
+        return curvlinops.hutchpp_trace(theirs, budget)
+
+    cases = {
+        "gradkit 1 column": lambda: op @ V[:, :1],
+        f"gradkit {k} columns": lambda: op @ V,
+        "curvlinops 1 column": lambda: theirs @ V[:, :1],
+        f"curvlinops {k} columns": lambda: theirs @ V,
+        f"gradkit hutchpp_trace({budget})": lambda: C.hutchpp_trace(op, budget, generator=gen),
+        f"curvlinops hutchpp_trace({budget})": their_hutchpp,
+    }
+    torch.testing.assert_close(theirs @ V, op @ V, rtol=1e-4, atol=1e-5)
+    for fn in cases.values():  # warm-up
+        fn()
+    wall = {label: [] for label in cases}
+    cpu = {label: [] for label in cases}
+    labels = list(cases)
+    for r in range(rounds):  # interleaved, order rotating
+        for label in labels[r % len(labels):] + labels[:r % len(labels)]:
+            w0, c0 = time.perf_counter(), time.process_time()
+            cases[label]()
+            wall[label].append(time.perf_counter() - w0)
+            cpu[label].append(time.process_time() - c0)
+    med_w = {label: statistics.median(t) for label, t in wall.items()}
+    med_c = {label: statistics.median(t) for label, t in cpu.items()}
+    print(f"\n[{name}] block products and Hutch++ vs curvlinops {curvlinops.__version__} "
+          f"({rounds} interleaved rounds, medians)")
+    print(f"  {'case':34s} {'wall ms':>9s} {'cpu ms':>9s}")
+    for label in labels:
+        print(f"  {label:34s} {med_w[label] * 1e3:9.1f} {med_c[label] * 1e3:9.1f}")
+    for tool in ("gradkit", "curvlinops"):
+        block, single = f"{tool} {k} columns", f"{tool} 1 column"
+        print(f"  -> {tool}: {k} columns cost {med_w[block] / med_w[single]:.1f} single products "
+              f"(wall), {med_c[block] / med_c[single]:.1f} (cpu)")
+    g, c = f"gradkit hutchpp_trace({budget})", f"curvlinops hutchpp_trace({budget})"
+    print(f"  -> Hutch++ gradkit / curvlinops: wall {med_w[g] / med_w[c]:.2f}, "
+          f"cpu {med_c[g] / med_c[c]:.2f} (target <= 1)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer seeds and budgets")
@@ -288,11 +347,11 @@ def main() -> None:
     parser.add_argument("--no-dense", action="store_true",
                         help="skip the CNN's dense float64 Hessian (truth from float64 Lanczos "
                              "and float64 Hutch++ only)")
-    parser.add_argument("--sections", default="top1,top10,trace,hvp",
-                        help="comma-separated subset of top1,top10,trace,hvp")
+    parser.add_argument("--sections", default="top1,top10,trace,hvp,block",
+                        help="comma-separated subset of top1,top10,trace,hvp,block")
     args = parser.parse_args()
     sections = set(args.sections.split(","))
-    if not sections <= {"top1", "top10", "trace", "hvp"}:
+    if not sections <= {"top1", "top10", "trace", "hvp", "block"}:
         parser.error(f"unknown section in --sections {args.sections!r}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -310,6 +369,13 @@ def main() -> None:
         acc = train(model, X, y, epochs)
         n = sum(p.numel() for p in model.parameters())
         t0 = time.perf_counter()
+        if not sections & {"top1", "top10", "trace"}:  # no truth needed
+            print(f"\n===== {name}: {n} parameters, train accuracy {acc:.3f} =====")
+            if "hvp" in sections:
+                bench_hvp_cost(name, model, X, y)
+            if "block" in sections and name == "MLP":
+                bench_block(name, model, X, y)
+            continue
         ref, op64 = truth(model, X, y, 10, dense)
         print(f"\n===== {name}: {n} parameters, train accuracy {acc:.3f}; truth computed in "
               f"{time.perf_counter() - t0:.1f}s =====")
@@ -322,6 +388,8 @@ def main() -> None:
             bench_top(name, model, X, y, ref["top"], 10, seeds, [1e-3, 1e-4, 1e-5])
         if "hvp" in sections:
             bench_hvp_cost(name, model, X, y)
+        if "block" in sections and name == "MLP":
+            bench_block(name, model, X, y)
         if "trace" not in sections:
             continue
         if dense:

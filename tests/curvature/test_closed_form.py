@@ -1,4 +1,5 @@
-"""KATs 1-3 of instruments.md: quadratic, linear regression, logistic/softmax regression."""
+"""Known-answer tests 1-3 (docs/curvature.md): quadratic, linear regression, logistic/softmax
+regression."""
 
 import pytest
 import torch

@@ -1,4 +1,5 @@
-"""KAT 20: agreement with an independent library (PyHessian, installed as a dev anchor)."""
+"""Known-answer test 20 (docs/curvature.md): agreement with an independent library
+(PyHessian, installed as a dev anchor)."""
 
 import importlib
 

@@ -1,4 +1,5 @@
-"""KAT 12: the determinism guard, and that curvature never consumes the global RNG."""
+"""Known-answer test 12 (docs/curvature.md): the determinism guard, and that curvature never
+consumes the global RNG."""
 
 import pytest
 import torch

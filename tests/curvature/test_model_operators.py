@@ -1,4 +1,5 @@
-"""KATs 4, 5, 10, 11 and the empirical Fisher: operators against dense float64 oracles."""
+"""Known-answer tests 4, 5, 10, 11 (docs/curvature.md) and the empirical Fisher: operators
+against dense float64 oracles."""
 
 import pytest
 import torch
@@ -286,3 +287,20 @@ def test_cached_operator_gradient_comes_from_its_graph():
     torch.testing.assert_close(g, dense_grad(model, CE, X, y, theta))
     g.zero_()  # a copy: the operator's stored gradient is unchanged
     torch.testing.assert_close(op.gradient(), dense_grad(model, CE, X, y, theta))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_products_on_one_and_on_more_threads_match_the_dense_hessian(threads):
+    """One thread: column-by-column double backward; more: vmap-ed forward-over-reverse."""
+    model, X, y = mlp_problem()
+    H = dense_hessian(model, CE, X, y)
+    V = torch.randn(H.shape[0], 5, dtype=F64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for op in (HessianOperator(model, CE, (X, y)),
+                   HessianOperator(model, CE, [(X[:5], y[:5]), (X[5:], y[5:])], chunk_size=2)):
+            torch.testing.assert_close(op @ V, H @ V)
+            torch.testing.assert_close(op @ V[:, 0], H @ V[:, 0])
+    finally:
+        torch.set_num_threads(before)

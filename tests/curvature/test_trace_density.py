@@ -1,4 +1,5 @@
-"""KATs 7 and 8: Hutchinson / Hutch++ on non-diagonal matrices, SLQ density."""
+"""Known-answer tests 7 and 8 (docs/curvature.md): Hutchinson / Hutch++ on non-diagonal
+matrices, SLQ density."""
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_hutchpp_converges_to_1e_3():
 
 
 def test_hutchpp_rejects_tiny_budget():
-    with pytest.raises(ValueError, match="n_matvecs"):
+    with pytest.raises(ValueError, match="num_matvecs"):
         hutchpp_trace(MatrixOperator(torch.eye(5, dtype=F64)), 3)
 
 

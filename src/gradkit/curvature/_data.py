@@ -11,8 +11,10 @@ it on every iteration, even with ``shuffle=False``).
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -62,9 +64,23 @@ class BatchSource:
                 "data must be an (inputs, targets) batch or an iterable of such batches, "
                 f"got {type(data).__name__}"
             )
-        self.num_examples = sum(x.shape[0] for x, _ in self)
-        if self.num_examples == 0:
+        if not self.single and isinstance(data, Iterator):
+            raise TypeError(
+                f"data is a one-shot iterator ({type(data).__name__}): every curvature "
+                "product iterates the data once, and a second pass over it would be empty. "
+                "Pass a list of (inputs, targets) batches or a DataLoader instead."
+            )
+        self.num_examples = -1  # unknown during the first pass
+        count, self.num_batches = 0, 0
+        for i, (x, y) in enumerate(self):
+            self.num_batches += 1
+            for name, t in (("inputs", x), ("targets", y)):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"batch {i} of data has NaN or infinite {name}")
+            count += x.shape[0]
+        if count == 0:
             raise ValueError("data contains no examples")
+        self.num_examples = count
 
     def _convert(self, t: Tensor) -> Tensor:
         if t.is_floating_point():
@@ -93,10 +109,100 @@ class BatchSource:
                 )
             yield self._convert(x), self._convert(y)
 
-    def __iter__(self) -> Iterator[Batch]:
-        """One pass with the global RNG state restored afterwards."""
+    def first_batch(self) -> Batch:
+        """The first batch, converted (global RNG restored)."""
         with torch.random.fork_rng(devices=[]):
-            yield from self.converted()
+            for batch in self.converted():
+                return batch
+        raise RuntimeError(
+            f"a pass over data gave no batches, the first pass gave {self.num_examples} "
+            "examples: "
+            "data must give the same batches on every pass (an exhausted iterator?)"
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        """One pass with the global RNG state restored afterwards; a pass that yields a
+        different number of examples than the first raises (no silently partial sums)."""
+        count = 0
+        with torch.random.fork_rng(devices=[]):
+            for x, y in self.converted():
+                count += x.shape[0]
+                yield x, y
+        if self.num_examples >= 0 and count != self.num_examples:
+            raise RuntimeError(
+                f"a pass over data gave {count} examples, the first pass gave "
+                f"{self.num_examples}: data must give the same batches on every pass (an "
+                "exhausted iterator, or a loader with random sampling or drop_last?)"
+            )
+
+
+def require_scalar_loss(value: Tensor, owner: str) -> Tensor:
+    """``value`` if it is a one-element tensor, else a ``ValueError`` saying what to do."""
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"{owner}: loss_fn(outputs, targets) must return a scalar (the batch loss, mean- "
+            f"or sum-reduced over the examples), got {shape}. Use reduction='mean' (or "
+            "'sum'), not 'none'."
+        )
+    return value
+
+
+def resolve_reduction(loss_fn: Callable[..., Tensor], given: str | None, owner: str
+                      ) -> Literal["mean", "sum"]:
+    """The batch reduction of ``loss_fn``: ``given``, else its ``reduction`` attribute (a
+    ``torch.nn`` loss) or keyword (``functools.partial``), else "mean" (module docstring of
+    :mod:`gradkit.curvature.operators`)."""
+    if isinstance(loss_fn, functools.partial):
+        found = loss_fn.keywords.get("reduction")
+    else:
+        found = getattr(loss_fn, "reduction", None)
+    if found is not None and found not in ("mean", "sum"):
+        raise ValueError(
+            f"{owner}: loss_fn has reduction={found!r}; curvature needs a scalar batch loss: "
+            "use reduction='mean' or 'sum'"
+        )
+    if given is not None:
+        if given not in ("mean", "sum"):
+            raise ValueError(f"Invalid reduction: {given!r} (use 'mean' or 'sum')")
+        if found is not None and found != given:
+            raise ValueError(f"{owner}: reduction={given!r} contradicts loss_fn's own "
+                             f"reduction={found!r}")
+        return given  # type: ignore[return-value]
+    return "mean" if found is None else found
+
+
+def check_loss(source: BatchSource, forward: Callable[[Tensor], Tensor],
+               loss_fn: Callable[[Tensor, Tensor], Tensor], owner: str,
+               infer_reduction: bool) -> str | None:
+    """Evaluate ``loss_fn`` on (the first 64 examples of) the first batch: it must be a finite
+    scalar. With ``infer_reduction`` and more than one batch, also return "mean" or "sum" when
+    the loss of those examples is the example-weighted mean or the sum of the losses of their
+    two halves (None when neither or both, or when it cannot be told)."""
+    x, y = source.first_batch()
+    x, y = x[:_MODEL_CHECK_EXAMPLES], y[:_MODEL_CHECK_EXAMPLES]
+    with torch.no_grad():
+        out = forward(x)
+        whole = require_scalar_loss(loss_fn(out, y), owner)
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(f"{owner}: the model's output on the first batch contains NaN or "
+                             "infinite values (non-finite parameters or buffers?)")
+        if not bool(torch.isfinite(whole).all()):
+            raise ValueError(f"{owner}: the loss on the first batch is {float(whole)} with "
+                             "finite model outputs (check the targets)")
+        n = x.shape[0]
+        batch_major = out.ndim > 0 and out.shape[0] == n
+        if not infer_reduction or source.num_batches < 2 or n < 2 or not batch_major:
+            return None
+        h = n // 2
+        a, b = loss_fn(out[:h], y[:h]), loss_fn(out[h:], y[h:])
+    whole, a, b = float(whole), float(a), float(b)
+    tol = 1e3 * torch.finfo(out.dtype).eps * (abs(a) + abs(b) + abs(whole))
+    is_mean = math.isclose(whole, (h * a + (n - h) * b) / n, rel_tol=0, abs_tol=tol)
+    is_sum = math.isclose(whole, a + b, rel_tol=0, abs_tol=tol)
+    if is_mean == is_sum:
+        return None
+    return "mean" if is_mean else "sum"
 
 
 def _fingerprint(t: Tensor) -> Tensor:
@@ -143,10 +249,15 @@ def check_deterministic(
                 "(random data augmentation or transforms?). Disable augmentation for the "
                 "curvature measurement."
             )
-        x, _ = next(source.converted())
+        x, _ = source.first_batch()
         x = x[:_MODEL_CHECK_EXAMPLES]  # a random layer shows on a few examples as on all
         with torch.no_grad():
             out1, out2 = forward(x), forward(x)
+        if not bool(torch.isfinite(out1).all()):
+            raise ValueError(
+                f"{owner}: the model's output on the first batch contains NaN or infinite "
+                "values (non-finite parameters or buffers?)"
+            )
         if not torch.allclose(out1, out2, rtol=1e-6, atol=1e-9 * float(out1.abs().max())):
             raise NondeterministicError(
                 f"{prefix} (model output): two forward passes on the same batch gave different "

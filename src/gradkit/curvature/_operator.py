@@ -16,15 +16,35 @@ from torch import Tensor
 class LinearOperator:
     """Base class of symmetric matrices known through products.
 
-    Attributes:
-        shape: ``(n, n)``.
-        dtype, device: of the products (inputs are converted to them).
-        num_matvecs: number of matrix-vector products computed so far (a block of ``k``
-            columns counts ``k``); :meth:`reset_matvecs` sets it back to 0.
-
     Subclasses call ``super().__init__(n, dtype, device)`` and implement
     ``_matmat(V: Tensor) -> Tensor`` for ``V`` of shape ``(n, k)`` with the operator's dtype
     and device, returning ``(n, k)``.
+
+    Args:
+        n: the size (the matrix is ``n x n``).
+        dtype: dtype of the products (inputs are converted to it).
+        device: device of the products.
+
+    Attributes:
+        shape: ``(n, n)``.
+        num_matvecs: number of matrix-vector products computed so far (a block of ``k``
+            columns counts ``k``); :meth:`reset_matvecs` sets it back to 0.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.curvature import LinearOperator, lanczos
+        >>> class Diagonal(LinearOperator):
+        ...     def __init__(self, d):
+        ...         super().__init__(d.shape[0], d.dtype)
+        ...         self.d = d
+        ...     def _matmat(self, V):
+        ...         return self.d[:, None] * V
+        >>> A = Diagonal(torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64))
+        >>> A @ torch.ones(3, dtype=torch.float64)
+        tensor([ 3., -1.,  2.], dtype=torch.float64)
+        >>> round(float(lanczos(A, 1)[0][0]), 6), A.num_matvecs > 0
+        (3.0, True)
     """
 
     def __init__(self, n: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
@@ -65,7 +85,8 @@ class LinearOperator:
         return self.matvec(other) if other.ndim == 1 else self.matmat(other)
 
     def to_dense(self, chunk_size: int = 256) -> Tensor:
-        """The ``n x n`` matrix, built from products with blocks of the identity."""
+        """The ``n x n`` matrix, built from products with blocks of ``chunk_size`` columns of
+        the identity (``n`` products)."""
         n = self.shape[0]
         cols = []
         for start in range(0, n, chunk_size):
@@ -84,7 +105,19 @@ class LinearOperator:
 
 
 class MatrixOperator(LinearOperator):
-    """A dense symmetric matrix seen as a :class:`LinearOperator` (tests, small problems)."""
+    """A dense symmetric matrix seen as a :class:`LinearOperator` (tests, small problems).
+
+    Args:
+        matrix: a square symmetric tensor (symmetry is not checked).
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.curvature import MatrixOperator
+        >>> A = MatrixOperator(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+        >>> A @ torch.tensor([1.0, 1.0]), A.num_matvecs
+        (tensor([3., 3.]), 1)
+    """
 
     def __init__(self, matrix: Tensor):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -97,7 +130,23 @@ class MatrixOperator(LinearOperator):
 
 
 class SandwichOperator(LinearOperator):
-    """``diag(d) A diag(d)``; symmetric whenever ``A`` is."""
+    """``diag(d) A diag(d)``; symmetric whenever ``A`` is (built by
+    :meth:`LinearOperator.sandwich`, e.g. ``P^{-1/2} H P^{-1/2}`` for a diagonal
+    preconditioner ``P``).
+
+    Args:
+        op: the operator ``A``.
+        d: the diagonal ``(n,)``.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.curvature import MatrixOperator
+        >>> A = MatrixOperator(torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+        >>> A.sandwich(torch.tensor([1.0, 2.0])).to_dense()
+        tensor([[2., 2.],
+                [2., 8.]])
+    """
 
     def __init__(self, op: LinearOperator, d: Tensor):
         if d.ndim != 1 or d.shape[0] != op.shape[0]:

@@ -32,6 +32,8 @@ from gradkit.curvature._operator import LinearOperator
 
 @dataclass
 class CGInfo:
+    """Diagnostics of :func:`conjugate_gradient`."""
+
     iterations: int  # = products with the operator after the initial residual
     residual_norm: float  # ||b - (A + damping I) x||, recursively updated
     converged: bool
@@ -62,6 +64,16 @@ def conjugate_gradient(
 
     Returns:
         ``(x, info)`` with ``info`` a :class:`CGInfo`.
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.curvature import MatrixOperator, conjugate_gradient
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> x, info = conjugate_gradient(MatrixOperator(A), b, tol=1e-12)
+        >>> torch.allclose(A @ x, b), info.converged, info.iterations
+        (True, True, 2)
     """
     n = op.shape[0]
     if b.shape != (n,):

@@ -36,6 +36,8 @@ from gradkit.curvature._random import rademacher, resolve_generator
 
 @dataclass
 class SpectralDensity:
+    """The result of :func:`spectral_density`."""
+
     grid: Tensor  # (n_grid,)
     density: Tensor  # (n_grid,), integrates to ~1 over the grid
     nodes: Tensor  # (n_runs, n_steps) Ritz values per run, ascending
@@ -120,12 +122,34 @@ def spectral_density(
     """Gaussian-broadened SLQ density (module docstring).
 
     Args:
-        n_runs, n_steps: random start vectors and Lanczos steps per run (``n_runs * n_steps``
-            products).
+        op: the operator.
+        n_runs: random start vectors (runs advance together as one block product).
+        n_steps: Lanczos steps per run (``n_runs * n_steps`` products in all).
         grid: evaluation points; default ``n_grid`` points spanning the nodes +- 5 sigma.
+        n_grid: number of default grid points.
         sigma: broadening; default 1% of the node range.
-        outlier_tol, outlier_floor: see the module docstring.
+        outlier_tol: residual tolerance (relative to the largest node) of an outlier.
+        outlier_floor: bulk threshold as a fraction of one eigenvalue's peak (module
+            docstring).
         v0: start vectors ``(n, n_runs)`` (default: Rademacher from ``generator``).
+        generator: source of the start vectors and of breakdown replacements.
+
+    Returns:
+        A :class:`SpectralDensity` (``grid``, ``density``, ``nodes``, ``weights``,
+        ``outliers``, ``num_matvecs``, ``sigma``).
+
+    Example::
+
+        >>> import torch
+        >>> from gradkit.curvature import MatrixOperator, spectral_density
+        >>> lam = torch.cat([torch.linspace(0.0, 1.0, 200, dtype=torch.float64),
+        ...                  torch.tensor([10.0], dtype=torch.float64)])
+        >>> sd = spectral_density(MatrixOperator(torch.diag(lam)), n_runs=2, n_steps=30,
+        ...                       generator=torch.Generator().manual_seed(0))
+        >>> sd.outliers.round(decimals=6)  # the isolated eigenvalue
+        tensor([10.], dtype=torch.float64)
+        >>> round(float(torch.trapezoid(sd.density, sd.grid)), 2)  # a probability density
+        1.0
     """
     if n_runs < 1 or n_steps < 1:
         raise ValueError(f"Invalid n_runs/n_steps: {n_runs}, {n_steps}")

@@ -31,20 +31,22 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from gradkit.autodiff.flat import FlatParams
+from gradkit.curvature._data import require_scalar_loss
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Mode = Literal["auto", "fwd-rev", "rev-rev"]
 ParamDict = dict[str, Tensor]
 
 
-def _fwd_rev(fn: Callable[[ParamDict], Tensor], params: ParamDict, tangents: ParamDict,
-             batched: bool) -> ParamDict:
+def fwd_rev_products(fn: Callable[[ParamDict], Tensor], params: ParamDict,
+                     tangents: ParamDict) -> ParamDict:
+    """Forward-over-reverse ``jvp(grad(fn))`` ``vmap``-ed over tangents ``{name: (k, ...)}``."""
     g = grad(fn)
 
     def one(t: ParamDict) -> ParamDict:
         return jvp(g, (params,), (t,))[1]
 
-    return vmap(one)(tangents) if batched else one(tangents)
+    return vmap(one)(tangents)
 
 
 class GradientGraph:
@@ -78,23 +80,24 @@ class GradientGraph:
         return {n: p if p is not None else torch.zeros_like(leaf.detach())
                 for n, p, leaf in zip(self.names, prods, self.leaves)}
 
-
-def _rev_rev_graph(fn: Callable[[ParamDict], Tensor], params: ParamDict, tangents: ParamDict,
-                   batched: bool) -> ParamDict:
-    """Reverse-over-reverse by plain autograd: one graph, one double backward per vector."""
-    graph = GradientGraph(fn, params)
-    if not batched:
-        return graph.product(tangents, retain=False)
-    k = next(iter(tangents.values())).shape[0]
-    outs = [graph.product({n: t[j] for n, t in tangents.items()}, retain=j < k - 1)
-            for j in range(k)]
-    return {n: torch.stack([o[n] for o in outs]) for n in graph.names}
+    def products(self, tangents: Mapping[str, Tensor], *, retain: bool = True) -> ParamDict:
+        """``H t_j`` for a block ``{name: (k, *shape)}`` of ``k`` tangents, same layout; one
+        double backward per column. ``retain=False`` frees the graph after the last one."""
+        k = next(iter(tangents.values())).shape[0]
+        outs = [self.product({n: t[j] for n, t in tangents.items()}, retain=retain or j < k - 1)
+                for j in range(k)]
+        return {n: torch.stack([o[n] for o in outs]) for n in self.names}
 
 
 def _rev_rev(fn: Callable[[ParamDict], Tensor], params: ParamDict, tangents: ParamDict,
              batched: bool) -> ParamDict:
+    """Reverse-over-reverse: one gradient graph, one double backward per vector; inside a
+    ``torch.func`` transform (where autograd graphs are not available) ``vjp(grad(fn))``."""
     if not torch._C._functorch.is_functorch_wrapped_tensor(next(iter(params.values()))):
-        return _rev_rev_graph(fn, params, tangents, batched)
+        graph = GradientGraph(fn, params)
+        if batched:
+            return graph.products(tangents, retain=False)
+        return graph.product(tangents, retain=False)
     _, pullback = vjp(grad(fn), params)
 
     def one(t: ParamDict) -> ParamDict:
@@ -104,17 +107,15 @@ def _rev_rev(fn: Callable[[ParamDict], Tensor], params: ParamDict, tangents: Par
 
 
 def hvp_dict(fn: Callable[[ParamDict], Tensor], params: ParamDict, tangents: ParamDict, *,
-             batched: bool = False, mode: Mode = "auto") -> tuple[ParamDict, Mode]:
-    """``H t`` of a scalar ``fn(params)``; ``batched`` tangents carry a leading ``k`` dim.
-
-    Returns the product and the mode that computed it ("fwd-rev" or "rev-rev"), so that a
-    caller can skip the failing forward-mode attempt next time.
-    """
+             batched: bool = False, mode: Mode = "auto") -> ParamDict:
+    """``H t`` of a scalar ``fn(params)``; ``batched`` tangents carry a leading ``k`` dim."""
     if mode not in ("auto", "fwd-rev", "rev-rev"):
         raise ValueError(f"Invalid mode: {mode!r} (use 'auto', 'fwd-rev' or 'rev-rev')")
     if mode == "fwd-rev":
-        return _fwd_rev(fn, params, tangents, batched), "fwd-rev"
-    return _rev_rev(fn, params, tangents, batched), "rev-rev"
+        if batched:
+            return fwd_rev_products(fn, params, tangents)
+        return jvp(grad(fn), (params,), (tangents,))[1]
+    return _rev_rev(fn, params, tangents, batched)
 
 
 def columns_to_dict(flat: FlatParams, V: Tensor) -> ParamDict:
@@ -131,6 +132,17 @@ def dict_to_columns(flat: FlatParams, d: Mapping[str, Tensor]) -> Tensor:
 def split_params(model: nn.Module, names: Iterable[str] | None) -> tuple[FlatParams, ParamDict,
                                                                        ParamDict]:
     """(layout of the chosen params, chosen {name: detached}, the rest incl. buffers)."""
+    if names is None and not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (none has requires_grad=True), "
+            "so there is no curvature to measure: unfreeze some, or pass params=[names] to "
+            "choose parameters explicitly"
+        )
+    if names is not None:
+        names = list(names)
+        if not names:
+            raise ValueError("params is empty: pass at least one parameter name (or None for "
+                             "all trainable parameters)")
     flat = FlatParams.from_module(model, names)
     chosen = {n: p for n, p in model.named_parameters() if n in set(flat.names)}
     chosen = {n: chosen[n].detach() for n in flat.names}
@@ -154,7 +166,8 @@ def hvp(
     Args:
         model: the network (read, never modified; its current mode is used as is).
         loss_fn: ``loss_fn(outputs, targets) -> scalar``.
-        inputs, targets: the batch.
+        inputs: the batch's inputs.
+        targets: the batch's targets.
         v: a flat vector ``(n,)``, a block ``(n, k)`` of ``k`` vectors as columns, or a
             ``{name: tensor}`` dict shaped like the chosen parameters.
         params: names of the parameters (default: all trainable); the Hessian is the block of
@@ -165,19 +178,30 @@ def hvp(
 
     Returns:
         ``H v`` in the same layout as ``v``.
+
+    Example::
+
+        >>> import torch
+        >>> from torch import nn
+        >>> from gradkit.curvature import hvp
+        >>> model = nn.Linear(2, 1).double()  # parameters: weight (1, 2), then bias (1,)
+        >>> X, Y = torch.randn(4, 2).double(), torch.randn(4, 1).double()
+        >>> Hv = hvp(model, nn.functional.mse_loss, X, Y, torch.ones(3).double())
+        >>> X1 = torch.cat([X, torch.ones(4, 1).double()], dim=1)  # bias as a constant input
+        >>> torch.allclose(Hv, 2 / 4 * X1.T @ X1 @ torch.ones(3).double())
+        True
     """
     flat, chosen, rest = split_params(model, params)
 
     def loss(p: ParamDict) -> Tensor:
-        return loss_fn(functional_call(model, {**rest, **p}, (inputs,)), targets)
+        value = loss_fn(functional_call(model, {**rest, **p}, (inputs,)), targets)
+        return require_scalar_loss(value, "hvp")
 
     if isinstance(v, Mapping):
-        out, _ = hvp_dict(loss, chosen, {n: v[n] for n in flat.names}, mode=mode)
-        return out
+        return hvp_dict(loss, chosen, {n: v[n] for n in flat.names}, mode=mode)
     if v.ndim == 1:
-        out, _ = hvp_dict(loss, chosen, flat.as_dict(v), mode=mode)
-        return flat.flatten(out)
+        return flat.flatten(hvp_dict(loss, chosen, flat.as_dict(v), mode=mode))
     if v.ndim != 2:
         raise ValueError(f"v must be (n,), (n, k) or a dict, got shape {tuple(v.shape)}")
-    out, _ = hvp_dict(loss, chosen, columns_to_dict(flat, v), batched=True, mode=mode)
+    out = hvp_dict(loss, chosen, columns_to_dict(flat, v), batched=True, mode=mode)
     return dict_to_columns(flat, out)
