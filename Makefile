@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q --upgrade pip
 	@$(MAKE) --no-print-directory torch VENV=$(VENV)
 	@$(PY) -m pip install -q -e ".[dev]"
+	@# test oracle whose metadata requires torchvision (which would replace the CPU torch);
+	@# the tests load only its aggregator and attack modules, which need torch and numpy
+	@$(PY) -m pip install -q --no-deps "byzfl>=0.0.11"
 	@touch $(STAMP)
 
 torch:
