@@ -1,4 +1,4 @@
-"""ByzFL (``pip install byzfl``, in the dev extra) as a test oracle.
+"""ByzFL (``pip install --no-deps byzfl``, done by ``make test``) as a test oracle.
 
 ByzFL's package ``__init__`` also imports its federated-learning framework, which needs
 torchvision; its aggregators, pre-aggregators and attacks need only torch, NumPy and SciPy.
@@ -22,7 +22,7 @@ def load() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
     if "byzfl" not in sys.modules:
         spec = importlib.util.find_spec("byzfl")
         if spec is None or spec.origin is None:
-            pytest.skip("byzfl is not installed (pip install 'gradkit[dev]')")
+            pytest.skip("byzfl is not installed (pip install --no-deps byzfl)")
         package = types.ModuleType("byzfl")
         package.__path__ = [str(pathlib.Path(spec.origin).parent)]
         sys.modules["byzfl"] = package
