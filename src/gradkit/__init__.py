@@ -2,7 +2,8 @@
 fair optimizer benchmarks for PyTorch.
 
 Subpackages are imported lazily so that ``import gradkit`` stays cheap:
-``gradkit.optim``, ``gradkit.curvature``, ``gradkit.instruments``, ``gradkit.bench``.
+``gradkit.optim``, ``gradkit.curvature``, ``gradkit.instruments``, ``gradkit.bench``,
+``gradkit.distributed``, ``gradkit.implicit``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "optim", "curvature", "instruments", "bench", "autodiff", "losses", "schedules", "batching",
+    "distributed", "implicit",
 }
 
 
