@@ -20,7 +20,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_SUBMODULES = {"aggregators", "attacks", "simulator"}
+_SUBMODULES = {
+    "aggregators", "attacks", "simulator", "coding", "stragglers", "ddp", "ray_runtime",
+}
 
 
 def __getattr__(name: str) -> Any:
