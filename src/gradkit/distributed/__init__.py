@@ -11,6 +11,11 @@
 * :mod:`gradkit.distributed.simulator`: n workers in one process, deterministic under a seed;
   :func:`~gradkit.distributed.simulator.worker_gradient` is the per-worker computation the
   distributed runtimes share.
+* :mod:`gradkit.distributed.coding`: gradient codes (fractional and cyclic repetition) and
+  sequential gradient coding; :mod:`gradkit.distributed.stragglers`: delay models.
+* :mod:`gradkit.distributed.ddp`: robust aggregation under torchrun (a DDP communication hook
+  for coordinate-wise rules, an all-gather of the flat gradient for whole-vector rules).
+* :mod:`gradkit.distributed.ray_runtime`: a Ray actor parameter server (``gradkit[ray]``).
 
 Submodules are imported lazily (``import gradkit.distributed`` costs nothing).
 """
