@@ -8,6 +8,9 @@
   torch optimizer (vectorised over clients with ``torch.func.vmap`` where it applies), a
   server torch optimizer on the pseudo-gradient (FedAvg, FedAvgM, FedAdam) and any
   :mod:`gradkit.distributed.aggregators` rule as the server's aggregation.
+* :mod:`gradkit.federated.fedamd`: FedAMD (anchor sampling) on the same simulator.
+* :mod:`gradkit.federated.asynchronous`: asynchronous aggregation with delays (Async,
+  FedFix, FedBuff): schedules, weights, and training along a schedule.
 
 Names are imported lazily (``import gradkit.federated`` costs nothing).
 """
@@ -19,6 +22,7 @@ from typing import Any
 
 _EXPORTS = {
     "FederatedSimulator": "simulator",
+    "FedAMD": "fedamd",
     "FedAvg": "algorithms",
     "FedProx": "algorithms",
     "FedSpeed": "algorithms",
@@ -27,7 +31,8 @@ _EXPORTS = {
     "FullParticipation": "participation",
     "UniformSampling": "participation",
 }
-_SUBMODULES = {"algorithms", "participation", "partition", "simulator"}
+_SUBMODULES = {"algorithms", "asynchronous", "fedamd", "participation", "partition",
+               "simulator"}
 
 __all__ = sorted(_EXPORTS)
 

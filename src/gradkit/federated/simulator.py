@@ -21,7 +21,9 @@ One round t of :class:`FederatedSimulator`:
 With the uniform weighting and Mean, the rule sees the rows Δ_i; with ``"known"``/FedAU
 the rows are scaled by |S_t|·ω_i/N first, so that Mean gives exactly (1/N)·Σ ω_i Δ_i (a
 robust rule then sees the scaled rows). A round without any (successful) participant leaves
-the model and the server optimizer untouched.
+the model and the server optimizer untouched. The round's record holds ``participants``
+(those whose update was used), ``failed`` ({id: reason}) and ``train_loss``, the
+participants' mean minibatch loss at their first local step (at w_t).
 
 Vectorisation: local training of clients with the same number of steps and batch shape is
 one computation over stacked parameters: the gradient function under
