@@ -49,6 +49,7 @@ from gradkit.distributed import _validation as V
 from gradkit.distributed.aggregators import Aggregator, Mean
 from gradkit.distributed.simulator import (
     History,
+    Simulator,
     _functional_loss,
     sample_batch,
     setup_workload,
@@ -337,30 +338,10 @@ class FederatedSimulator:
         self.round += 1
         return record
 
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Loss (and metric) of the global model on ``eval_data``."""
-        if self.eval_data is None:
-            return {}
-        self.model.eval()
-        x, y = self.eval_data
-        out = self.model(x)
-        result = {"eval_loss": float(self.loss_fn(out, y))}
-        if self.metric_fn is not None:
-            result["accuracy"] = float(self.metric_fn(out, y))
-        self.model.train()
-        return result
-
-    def run(self, rounds: int, eval_every: int = 1) -> History:
-        """Run ``rounds`` rounds; evaluate after every ``eval_every``-th and the last."""
-        V.check_count("FederatedSimulator.run", "rounds", rounds, minimum=1)
-        V.check_count("FederatedSimulator.run", "eval_every", eval_every, minimum=1)
-        for k in range(rounds):
-            record = self.step()
-            if (k + 1) % eval_every == 0 or k == rounds - 1:
-                record.update(self.evaluate())
-            self.history.append(record)
-        return self.history
+    # evaluation and the run loop are the distributed simulator's own (same attributes:
+    # model, loss_fn, eval_data, metric_fn, step, history)
+    evaluate = Simulator.evaluate
+    run = Simulator.run
 
     # ------------------------------------------------------------------ construction
     @classmethod
