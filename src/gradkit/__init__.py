@@ -3,7 +3,7 @@ fair optimizer benchmarks for PyTorch.
 
 Subpackages are imported lazily so that ``import gradkit`` stays cheap:
 ``gradkit.optim``, ``gradkit.curvature``, ``gradkit.instruments``, ``gradkit.bench``,
-``gradkit.distributed``, ``gradkit.implicit``.
+``gradkit.distributed``, ``gradkit.federated``, ``gradkit.implicit``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "optim", "curvature", "instruments", "bench", "autodiff", "losses", "schedules", "batching",
-    "distributed", "implicit",
+    "distributed", "federated", "implicit",
 }
 
 
