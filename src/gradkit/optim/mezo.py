@@ -41,27 +41,45 @@ def direction_generators(params: list[Tensor], seed: int) -> dict[torch.device, 
     return gens
 
 
-def _direction(param: Tensor, gens: dict[torch.device, torch.Generator]) -> Tensor:
-    return torch.randn(param.shape, generator=gens[param.device], dtype=param.dtype,
-                       device=param.device)
+class _Directions:
+    """Draws :math:`z` for each tensor of ``params`` in order, into one scratch buffer per
+    (device, dtype) sized for the largest tensor: the values of
+    ``torch.randn(p.shape, generator=...)``, without a fresh allocation per tensor (freed
+    per-tensor buffers fragment the CPU heap and inflate the resident memory). Passing the
+    same ``scratch`` dict to every sweep keeps one buffer for the whole run."""
+
+    def __init__(self, params: list[Tensor], seed: int,
+                 scratch: dict[tuple[torch.device, torch.dtype], Tensor] | None = None) -> None:
+        self.gens = direction_generators(params, seed)
+        self.scratch = {} if scratch is None else scratch
+        for p in params:
+            key = (p.device, p.dtype)
+            if key not in self.scratch or self.scratch[key].numel() < p.numel():
+                self.scratch[key] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+
+    def __call__(self, param: Tensor) -> Tensor:
+        out = self.scratch[(param.device, param.dtype)][: param.numel()].view(param.shape)
+        return torch.randn(param.shape, generator=self.gens[param.device], out=out)
 
 
-def _single_tensor_mezo_perturb(params: list[Tensor], seed: int, scale: float) -> None:
+def _single_tensor_mezo_perturb(params: list[Tensor], seed: int, scale: float,
+                                scratch: dict | None = None) -> None:
     r""":math:`\theta \leftarrow \theta + \text{scale} \cdot z(\text{seed})`, one tensor of
     :math:`z` alive at a time."""
-    gens = direction_generators(params, seed)
+    draw = _Directions(params, seed, scratch)
     for param in params:
-        param.add_(_direction(param, gens), alpha=scale)
+        param.add_(draw(param), alpha=scale)
 
 
 def _single_tensor_mezo_update(params: list[Tensor], seed: int, coefficient: float, *,
-                               lrs: list[float], weight_decays: list[float]) -> None:
+                               lrs: list[float], weight_decays: list[float],
+                               scratch: dict | None = None) -> None:
     r""":math:`\theta \leftarrow \theta - \gamma (c \, z(\text{seed}) + \omega \theta)`
     per tensor, with its group's :math:`\gamma` and :math:`\omega` (the decay term only
     where :math:`\omega \ne 0`)."""
-    gens = direction_generators(params, seed)
+    draw = _Directions(params, seed, scratch)
     for param, lr, weight_decay in zip(params, lrs, weight_decays):
-        z = _direction(param, gens)
+        z = draw(param)
         if weight_decay != 0:
             param.sub_(z.mul_(coefficient).add_(param, alpha=weight_decay), alpha=lr)
         else:
@@ -188,6 +206,8 @@ class MeZO(torch.optim.Optimizer):
             if len(values) > 1:
                 raise ValueError(f"Invalid {key} value: {sorted(values)} (shared by all "
                                  "parameter groups: they are perturbed together)")
+        # one buffer per (device, dtype) for z, the size of the largest tensor (not state)
+        self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def _params(self) -> list[Tensor]:
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
@@ -224,19 +244,19 @@ class MeZO(torch.optim.Optimizer):
                   if p.requires_grad]
         for i, s in enumerate(seeds):
             _single_tensor_mezo_update(params, s, projected[i] / n, lrs=lrs,
-                                       weight_decays=decays if i == 0 else [0.0] * len(params))
+                                       weight_decays=decays if i == 0 else [0.0] * len(params),
+                                       scratch=self._scratch)
         state["step"] += 1
         state["projected_grads"] = torch.tensor(projected, dtype=torch.float64)
         return sum(losses_plus) / n
 
-    @staticmethod
-    def _two_point(params: list[Tensor], seed: int, eps: float,
+    def _two_point(self, params: list[Tensor], seed: int, eps: float,
                    closure: Callable[[], object], check: bool) -> tuple[float, float]:
         r""":math:`(\ell^+, \ell^-)` at :math:`\theta \pm \epsilon z(\text{seed})`;
         :math:`\theta` is restored afterwards, also when the closure raises."""
         shift = 0.0  # θ currently equals θ_0 + shift·z
         try:
-            _single_tensor_mezo_perturb(params, seed, eps)
+            _single_tensor_mezo_perturb(params, seed, eps, self._scratch)
             shift = eps
             loss_plus = _loss_value(closure())
             if check:
@@ -250,13 +270,13 @@ class MeZO(torch.optim.Optimizer):
                         "model.eval() (MeZO runs no backward, so train mode buys nothing), "
                         "or fix the randomness inside the closure; pass "
                         "check_determinism=False to skip this check.")
-            _single_tensor_mezo_perturb(params, seed, -2 * eps)
+            _single_tensor_mezo_perturb(params, seed, -2 * eps, self._scratch)
             shift = -eps
             loss_minus = _loss_value(closure())
-            _single_tensor_mezo_perturb(params, seed, eps)
+            _single_tensor_mezo_perturb(params, seed, eps, self._scratch)
             shift = 0.0
         except BaseException:
             if shift:
-                _single_tensor_mezo_perturb(params, seed, -shift)
+                _single_tensor_mezo_perturb(params, seed, -shift, self._scratch)
             raise
         return loss_plus, loss_minus
