@@ -156,7 +156,7 @@ def test_state_dict_round_trip_is_bitwise():
     _, _, state = assert_bitwise_resume(
         _model, lambda mod: MFAC(mod.parameters(), lr=0.01, momentum=0.9, ngrads=8, damp=0.1),
         mse_run(x, y))
-    assert state["state"][0]["window"].shape == (8, 1, 34)
+    assert state["state"][0]["window"].shape == (1, 8, 34)
 
 
 def test_registry_and_per_group_lr():

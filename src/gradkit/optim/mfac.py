@@ -85,8 +85,8 @@ class MFACInverse:
         self.block = dim if blocksize is None else min(blocksize, dim)
         self.nblocks = -(-dim // self.block)
         padded = self.nblocks * self.block
-        # window[i, b, :] = slice b of gradient i; dots[b] = G_b G_bᵀ
-        self.window = torch.zeros(self.m, self.nblocks, self.block, dtype=dtype, device=device)
+        # window[b, i, :] = slice b of gradient i (each block's G_b contiguous); dots[b] = G_b G_bᵀ
+        self.window = torch.zeros(self.nblocks, self.m, self.block, dtype=dtype, device=device)
         self.dots = torch.zeros(self.nblocks, self.m, self.m, dtype=dtype, device=device)
         self.last = 0  # ring-buffer row the next gradient overwrites
         self._padding = padded - dim
@@ -101,8 +101,8 @@ class MFACInverse:
     def update(self, g: Tensor) -> None:
         """Replace the oldest gradient of the window with ``g`` (shape (d,))."""
         gb = self._blocks(g)
-        self.window[self.last].copy_(gb)
-        row = torch.einsum("ibk,bk->bi", self.window, gb)  # O(md): new row/column of K
+        self.window[:, self.last].copy_(gb)
+        row = torch.bmm(self.window, gb.unsqueeze(-1)).squeeze(-1)  # O(md): new row of K
         self.dots[:, self.last, :] = row
         self.dots[:, :, self.last] = row
         self.last = (self.last + 1) % self.m
@@ -118,9 +118,9 @@ class MFACInverse:
     def mul(self, x: Tensor) -> Tensor:
         r""":math:`\hat F^{-1} x` for ``x`` of shape (d,)."""
         xb = self._blocks(x)
-        q = torch.einsum("ibk,bk->bi", self.window, xb) / self.damp  # λ⁻¹ G x, O(md)
-        c = torch.cholesky_solve(q.unsqueeze(-1), self._factor()).squeeze(-1)  # A⁻¹ q
-        out = (xb - torch.einsum("bi,ibk->bk", c, self.window)) / self.damp
+        q = torch.bmm(self.window, xb.unsqueeze(-1)) / self.damp  # λ⁻¹ G x, O(md)
+        c = torch.cholesky_solve(q, self._factor())  # A⁻¹ q, O(m²)
+        out = (xb - torch.bmm(c.transpose(1, 2), self.window).squeeze(1)) / self.damp
         return out.reshape(-1)[: self.d]
 
     def update_mul(self, g: Tensor) -> Tensor:
@@ -202,7 +202,7 @@ class MFAC(GradkitOptimizer):
     it is static; here it is the same dynamic window per block. The window and systems are
     kept in the parameters' dtype (all parameters must share dtype and device); on CUDA
     enable float64 or disable TF32 for accuracy, as the reference does.
-    State: ``step``, ``window`` (m × blocks × B), ``dots`` (blocks × m × m) and ``last``
+    State: ``step``, ``window`` (blocks × m × B), ``dots`` (blocks × m × m) and ``last``
     in the first parameter's state; ``momentum_buffer`` per parameter when
     :math:`\mu > 0`.
 
