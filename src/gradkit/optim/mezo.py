@@ -61,23 +61,27 @@ class _Directions:
         out = self.scratch[(param.device, param.dtype)][: param.numel()].view(param.shape)
         return torch.randn(param.shape, generator=self.gens[param.device], out=out)
 
+    def get_state(self) -> dict[torch.device, Tensor]:
+        """The generators' position (to draw the same tensors again: :meth:`set_state`)."""
+        return {device: gen.get_state() for device, gen in self.gens.items()}
 
-def _single_tensor_mezo_perturb(params: list[Tensor], seed: int, scale: float,
-                                scratch: dict | None = None) -> None:
-    r""":math:`\theta \leftarrow \theta + \text{scale} \cdot z(\text{seed})`, one tensor of
-    :math:`z` alive at a time."""
-    draw = _Directions(params, seed, scratch)
+    def set_state(self, state: dict[torch.device, Tensor]) -> None:
+        for device, gen in self.gens.items():
+            gen.set_state(state[device])
+
+
+def _single_tensor_mezo_perturb(params: list[Tensor], draw: _Directions, scale: float) -> None:
+    r""":math:`\theta \leftarrow \theta + \text{scale} \cdot z`, with :math:`z` drawn by
+    ``draw`` (:class:`_Directions`, from a seed), one tensor of :math:`z` at a time."""
     for param in params:
         param.add_(draw(param), alpha=scale)
 
 
-def _single_tensor_mezo_update(params: list[Tensor], seed: int, coefficient: float, *,
-                               lrs: list[float], weight_decays: list[float],
-                               scratch: dict | None = None) -> None:
-    r""":math:`\theta \leftarrow \theta - \gamma (c \, z(\text{seed}) + \omega \theta)`
-    per tensor, with its group's :math:`\gamma` and :math:`\omega` (the decay term only
-    where :math:`\omega \ne 0`)."""
-    draw = _Directions(params, seed, scratch)
+def _single_tensor_mezo_update(params: list[Tensor], draw: _Directions, coefficient: float,
+                               *, lrs: list[float], weight_decays: list[float]) -> None:
+    r""":math:`\theta \leftarrow \theta - \gamma (c \, z + \omega \theta)` per tensor, with
+    its group's :math:`\gamma` and :math:`\omega` (the decay term only where
+    :math:`\omega \ne 0`), :math:`z` drawn by ``draw``."""
     for param, lr, weight_decay in zip(params, lrs, weight_decays):
         z = draw(param)
         if weight_decay != 0:
@@ -243,12 +247,14 @@ class MeZO(torch.optim.Optimizer):
         decays = [g["weight_decay"] for g in self.param_groups for p in g["params"]
                   if p.requires_grad]
         for i, s in enumerate(seeds):
-            _single_tensor_mezo_update(params, s, projected[i] / n, lrs=lrs,
-                                       weight_decays=decays if i == 0 else [0.0] * len(params),
-                                       scratch=self._scratch)
+            _single_tensor_mezo_update(params, self._draw(params, s), projected[i] / n, lrs=lrs,
+                                       weight_decays=decays if i == 0 else [0.0] * len(params))
         state["step"] += 1
         state["projected_grads"] = torch.tensor(projected, dtype=torch.float64)
         return sum(losses_plus) / n
+
+    def _draw(self, params: list[Tensor], seed: int) -> _Directions:
+        return _Directions(params, seed, self._scratch)
 
     def _two_point(self, params: list[Tensor], seed: int, eps: float,
                    closure: Callable[[], object], check: bool) -> tuple[float, float]:
@@ -256,7 +262,7 @@ class MeZO(torch.optim.Optimizer):
         :math:`\theta` is restored afterwards, also when the closure raises."""
         shift = 0.0  # θ currently equals θ_0 + shift·z
         try:
-            _single_tensor_mezo_perturb(params, seed, eps, self._scratch)
+            _single_tensor_mezo_perturb(params, self._draw(params, seed), eps)
             shift = eps
             loss_plus = _loss_value(closure())
             if check:
@@ -270,13 +276,13 @@ class MeZO(torch.optim.Optimizer):
                         "model.eval() (MeZO runs no backward, so train mode buys nothing), "
                         "or fix the randomness inside the closure; pass "
                         "check_determinism=False to skip this check.")
-            _single_tensor_mezo_perturb(params, seed, -2 * eps, self._scratch)
+            _single_tensor_mezo_perturb(params, self._draw(params, seed), -2 * eps)
             shift = -eps
             loss_minus = _loss_value(closure())
-            _single_tensor_mezo_perturb(params, seed, eps, self._scratch)
+            _single_tensor_mezo_perturb(params, self._draw(params, seed), eps)
             shift = 0.0
         except BaseException:
             if shift:
-                _single_tensor_mezo_perturb(params, seed, -shift, self._scratch)
+                _single_tensor_mezo_perturb(params, self._draw(params, seed), -shift)
             raise
         return loss_plus, loss_minus
