@@ -240,7 +240,7 @@ class MeZO(torch.optim.Optimizer):
         for i, s in enumerate(seeds):
             check = step == 1 and i == 0 and group0["check_determinism"]
             loss_plus, loss_minus = self._two_point(params, s, eps, closure, check)
-            projected.append((loss_plus - loss_minus) / (2 * eps))
+            projected.append(self._projected((loss_plus - loss_minus) / (2 * eps)))
             losses_plus.append(loss_plus)
         lrs = [float(g["lr"]) for g in self.param_groups for p in g["params"]
                if p.requires_grad]
@@ -252,6 +252,10 @@ class MeZO(torch.optim.Optimizer):
         state["step"] += 1
         state["projected_grads"] = torch.tensor(projected, dtype=torch.float64)
         return sum(losses_plus) / n
+
+    def _projected(self, estimate: float) -> float:
+        """The scalar :math:`d` the update uses (QZO clips it)."""
+        return estimate
 
     def _draw(self, params: list[Tensor], seed: int) -> _Directions:
         return _Directions(params, seed, self._scratch)
