@@ -173,6 +173,20 @@ def test_closure_without_a_loss_is_refused():
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-6)
 
 
+def test_closure_calling_backward_gets_an_explanation():
+    model = _model()
+    x = torch.randn(4, 5)
+    opt = MeZO(model.parameters())
+
+    def closure():
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    with pytest.raises(RuntimeError, match=r"without calling backward\(\)"):
+        opt.step(closure)
+
+
 def test_dropout_in_train_mode_is_refused_with_an_explanation():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(5, 32), nn.Dropout(0.5), nn.Linear(32, 1))

@@ -90,6 +90,21 @@ def _single_tensor_mezo_update(params: list[Tensor], draw: _Directions, coeffici
             param.add_(z, alpha=-lr * coefficient)
 
 
+def _call(closure: Callable[[], object]) -> float:
+    """``closure()``'s loss as a float; a closure that calls ``backward`` gets an error
+    saying why that cannot work here."""
+    try:
+        loss = closure()
+    except RuntimeError as err:
+        if "does not require grad" not in str(err):
+            raise
+        raise RuntimeError(
+            "zeroth-order optimizers call the closure under torch.no_grad(): it must return "
+            "the loss without calling backward() (e.g. lambda: loss_fn(model(x), y))"
+        ) from err
+    return _loss_value(loss)
+
+
 def _loss_value(loss: object) -> float:
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
@@ -268,9 +283,9 @@ class MeZO(torch.optim.Optimizer):
         try:
             _single_tensor_mezo_perturb(params, self._draw(params, seed), eps)
             shift = eps
-            loss_plus = _loss_value(closure())
+            loss_plus = _call(closure)
             if check:
-                again = _loss_value(closure())
+                again = _call(closure)
                 if again != loss_plus:
                     raise RuntimeError(
                         "MeZO's closure is not deterministic: two calls at the same "
@@ -282,7 +297,7 @@ class MeZO(torch.optim.Optimizer):
                         "check_determinism=False to skip this check.")
             _single_tensor_mezo_perturb(params, self._draw(params, seed), -2 * eps)
             shift = -eps
-            loss_minus = _loss_value(closure())
+            loss_minus = _call(closure)
             _single_tensor_mezo_perturb(params, self._draw(params, seed), eps)
             shift = 0.0
         except BaseException:
