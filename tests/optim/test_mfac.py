@@ -3,6 +3,7 @@ written from the equations, the block-wise variant, known answers, resume, bad i
 
 from __future__ import annotations
 
+import copy
 import doctest
 
 import pytest
@@ -157,6 +158,18 @@ def test_state_dict_round_trip_is_bitwise():
         _model, lambda mod: MFAC(mod.parameters(), lr=0.01, momentum=0.9, ngrads=8, damp=0.1),
         mse_run(x, y))
     assert state["state"][0]["window"].shape == (1, 8, 34)
+
+
+def test_pickled_optimizer_continues_identically():
+    x, y = _data()
+    a = _model()
+    opt_a = MFAC(a.parameters(), lr=0.01, ngrads=4, damp=0.1)
+    mse_run(x, y)(a, opt_a, 0, 3)
+    both = copy.deepcopy({"model": a, "opt": opt_a})
+    mse_run(x, y)(a, opt_a, 0, 3)
+    mse_run(x, y)(both["model"], both["opt"], 0, 3)
+    for p, q in zip(a.parameters(), both["model"].parameters()):
+        assert torch.equal(p, q)
 
 
 def test_registry_and_per_group_lr():

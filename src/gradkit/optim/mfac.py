@@ -273,6 +273,10 @@ class MFAC(GradkitOptimizer):
         super().load_state_dict(state_dict)
         self._inverse = None
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._inverse = None  # rebuilt from the state on the next step
+
     @torch.no_grad()
     def step(self, closure: Callable[[], object] | None = None) -> object:
         """Perform one optimisation step; ``closure`` re-evaluates and returns the loss."""
