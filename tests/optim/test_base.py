@@ -122,19 +122,19 @@ def test_resumes_from_the_reference_packages_state_dict(name, package, kwargs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_fused_paths_never_hit_the_recompile_limit_across_dtypes(monkeypatch):
+def test_fused_paths_never_hit_the_recompile_limit_across_dtypes():
     """Each kernel variant (dtype, flags) compiles into its own cache, so a long-lived process
     with many dtypes never reaches torch.compile's per-function limit, where ``fullgraph=True``
     raises ``FailOnRecompileLimitHit``. With the limit lowered to 2, four dtypes sharing one
     cache would exceed it."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        for cls, base in ((AdamP, {}), (SGDP, {"lr": 0.1})):
-            weight = nn.Parameter(torch.randn(5, 3, dtype=dtype))
-            weight.grad = torch.randn_like(weight)
-            before = weight.detach().clone()
-            cls([weight], fused=True, **base).step()
-            assert torch.isfinite(weight).all() and not torch.equal(weight, before)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            for cls, base in ((AdamP, {}), (SGDP, {"lr": 0.1})):
+                weight = nn.Parameter(torch.randn(5, 3, dtype=dtype))
+                weight.grad = torch.randn_like(weight)
+                before = weight.detach().clone()
+                cls([weight], fused=True, **base).step()
+                assert torch.isfinite(weight).all() and not torch.equal(weight, before)
 
 
 @pytest.mark.parametrize("cls", [AdamP, SGDP, DiffGrad], ids=lambda c: c.__name__)
