@@ -27,8 +27,16 @@ from gradkit.optim.newton_schulz import newton_schulz5
 from gradkit.optim.perpgrad import PerpGrad
 from gradkit.optim.sam import SAM
 
+# isort: split
+# --- wave 3 (issue 15: M-FAC, zeroth-order) ---
+from gradkit.optim.mezo import MeZO
+from gradkit.optim.mfac import MFAC, MFACInverse
+from gradkit.optim.qzo import QZO, QuantizedLinear, quantize_int8
+from gradkit.optim.zo2 import ZO2
+
 __all__ = [
-    "M3", "RA3", "RM3", "SAM", "SGDP", "AdaGradNorm", "AdamP", "DiffGrad", "DropMuon", "Muon",
-    "PerpGrad", "available", "create", "drop_muon_layer_groups", "get", "muon_param_groups",
-    "newton_schulz5", "register", "winsorized_gradient", "winsorized_grads",
+    "M3", "MFAC", "QZO", "RA3", "RM3", "SAM", "SGDP", "ZO2", "AdaGradNorm", "AdamP", "DiffGrad",
+    "DropMuon", "MFACInverse", "MeZO", "Muon", "PerpGrad", "QuantizedLinear", "available",
+    "create", "drop_muon_layer_groups", "get", "muon_param_groups", "newton_schulz5",
+    "quantize_int8", "register", "winsorized_gradient", "winsorized_grads",
 ]
