@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import statistics
 import time
 
@@ -326,7 +327,8 @@ def bench_block(name, model, X, y, rounds=3, k=16, budget=48):
             cpu[label].append(time.process_time() - c0)
     med_w = {label: statistics.median(t) for label, t in wall.items()}
     med_c = {label: statistics.median(t) for label, t in cpu.items()}
-    print(f"\n[{name}] block products and Hutch++ vs curvlinops {curvlinops.__version__} "
+    version = importlib.metadata.version("curvlinops-for-pytorch")
+    print(f"\n[{name}] block products and Hutch++ vs curvlinops {version} "
           f"({rounds} interleaved rounds, medians)")
     print(f"  {'case':34s} {'wall ms':>9s} {'cpu ms':>9s}")
     for label in labels:
