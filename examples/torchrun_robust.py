@@ -78,7 +78,7 @@ def main() -> None:
         x, y = blobs(256, torch.Generator().manual_seed(1000 + rank))  # this rank's shard
         x_test, y_test = blobs(1000, torch.Generator().manual_seed(999))
         x, y, x_test, y_test = (t.to(device) for t in (x, y, x_test, y_test))
-        byzantine = [world - 1]
+        byzantine = [world - 1] if world > 1 else []  # one rank alone stays honest
         common = dict(byzantine=byzantine, attack=ATTACKS[args.attack](), seed=args.seed)
 
         def batches():
@@ -111,8 +111,9 @@ def main() -> None:
 
         if rank == 0:
             start = evaluate(make_model().to(device), x_test, y_test)
-            print(f"{world} {args.backend} ranks, rank {byzantine[0]} Byzantine "
-                  f"({common['attack']!r}), {args.steps} steps")
+            who = f"rank {byzantine[0]} Byzantine ({common['attack']!r})" if byzantine else \
+                "no Byzantine rank"
+            print(f"{world} {args.backend} ranks, {who}, {args.steps} steps")
             print(f"{'rule':36s} {'test loss':>10s} {'accuracy':>9s}")
             print(f"{'(initial model)':36s} {start[0]:10.4f} {start[1]:9.3f}")
             for name, (loss, acc) in results.items():
