@@ -9,22 +9,12 @@ sparse gradients raise ``RuntimeError``; ``p.grad`` is never modified.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-# the checks live in gradkit._checks; these names stay importable from here for optimizers
-from gradkit._checks import (  # noqa: F401
-    check_betas,
-    check_eps,
-    check_impl_flags,
-    check_in_interval,
-    check_lr,
-    check_non_negative,
-    check_positive_int,
-)
 from gradkit.optim._torch_private import default_foreach
 
 Impl = Literal["loop", "foreach", "fused"]
@@ -56,6 +46,15 @@ def tensor_steps(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state.get(p)
             if state and "step" in state and not torch.is_tensor(state["step"]):
                 state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+
+
+def require_shared(optimizer: torch.optim.Optimizer, keys: Iterable[str], why: str) -> None:
+    """Refuse per-group values of ``keys`` (hyperparameters one model-wide structure uses):
+    ``ValueError`` naming the key, its values and ``why``."""
+    for key in keys:
+        values = {group[key] for group in optimizer.param_groups}
+        if len(values) > 1:
+            raise ValueError(f"Invalid {key} value: {sorted(values, key=str)} ({why})")
 
 
 def step_counter(state: dict, param: Tensor) -> Tensor:

@@ -18,16 +18,15 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import required
 
-from gradkit.optim._base import (
-    GradkitOptimizer,
+from gradkit._checks import (
     check_betas,
     check_eps,
     check_impl_flags,
     check_in_interval,
     check_lr,
     check_non_negative,
-    step_counter,
 )
+from gradkit.optim._base import GradkitOptimizer, step_counter
 from gradkit.optim._fused import fields, scalars
 from gradkit.optim._packed import advance_steps, apply_rows, indices_by_value
 from gradkit.optim._projection import coefficients, decide_early, project, project_many

@@ -14,15 +14,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from gradkit.optim._base import (
-    GradkitOptimizer,
-    check_betas,
-    check_eps,
-    check_impl_flags,
-    check_lr,
-    check_non_negative,
-    step_counter,
-)
+from gradkit._checks import check_betas, check_eps, check_impl_flags, check_lr, check_non_negative
+from gradkit.optim._base import GradkitOptimizer, step_counter
 from gradkit.optim._fused import fields, scalars
 from gradkit.optim._packed import advance_steps, apply_elementwise, indices_by_value, pack_flat
 from gradkit.optim._registry import register

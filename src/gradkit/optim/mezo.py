@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradkit._checks import check_positive, check_positive_int
-from gradkit.optim._base import check_lr, check_non_negative, reject_sparse
+from gradkit._checks import check_lr, check_non_negative, check_positive, check_positive_int
+from gradkit.optim._base import reject_sparse, require_shared
 from gradkit.optim._registry import register
 
 __all__ = ["MeZO", "perturbation_seeds"]
@@ -220,11 +220,8 @@ class MeZO(torch.optim.Optimizer):
                         n_perturbations=n_perturbations, seed=seed,
                         check_determinism=check_determinism)
         super().__init__(params, defaults)
-        for key in ("eps", "n_perturbations", "seed"):
-            values = {g[key] for g in self.param_groups}
-            if len(values) > 1:
-                raise ValueError(f"Invalid {key} value: {sorted(values)} (shared by all "
-                                 "parameter groups: they are perturbed together)")
+        require_shared(self, ("eps", "n_perturbations", "seed"),
+                       "shared by all parameter groups: they are perturbed together")
         # one buffer per (device, dtype) for z, the size of the largest tensor (not state)
         self._scratch: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 

@@ -15,15 +15,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gradkit._checks import check_positive, check_positive_int
-from gradkit.optim._base import (
-    GradkitOptimizer,
+from gradkit._checks import (
     check_impl_flags,
     check_in_interval,
     check_lr,
     check_non_negative,
+    check_positive,
+    check_positive_int,
+)
+from gradkit.optim._base import (
+    GradkitOptimizer,
     evaluate_closure,
     reject_sparse,
+    require_shared,
     resolve_impl,
     step_counter,
 )
@@ -240,11 +244,8 @@ class MFAC(GradkitOptimizer):
                         damp=damp, blocksize=blocksize, maximize=maximize, foreach=foreach,
                         fused=None)
         super().__init__(params, defaults)
-        for key in ("ngrads", "damp", "blocksize"):
-            values = {g[key] for g in self.param_groups}
-            if len(values) > 1:
-                raise ValueError(f"Invalid {key} value: {sorted(values, key=str)} (all "
-                                 "parameter groups share one curvature model)")
+        require_shared(self, ("ngrads", "damp", "blocksize"),
+                       "all parameter groups share one curvature model")
         all_params = self._all_params()
         if len({(p.dtype, p.device) for p in all_params}) > 1:
             raise ValueError("MFAC needs all parameters on one device with one dtype")

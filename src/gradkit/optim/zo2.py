@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradkit._checks import check_positive
-from gradkit.optim._base import check_lr, check_non_negative
+from gradkit._checks import check_lr, check_non_negative, check_positive
 from gradkit.optim.mezo import (
     SEED_RANGE,
     _Directions,
