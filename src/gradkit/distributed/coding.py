@@ -84,6 +84,7 @@ __all__ = [
     "SelectiveRepeatSGC",
     "Task",
     "UndecodableError",
+    "close_round",
     "combine",
     "simulate_coded",
 ]
@@ -710,6 +711,22 @@ def combine(
     return out
 
 
+def close_round(
+    scheme: CodingScheme, r: int, late: Tensor, results: dict[tuple[int, int, int], Tensor]
+) -> Tensor | None:
+    """Record round ``r``'s stragglers ``late`` in ``scheme``; if a job became decodable, return
+    its gradient and drop the results it was the last to need (later jobs only read rounds
+    after it). ``results``: ``(round, worker, slot) -> Tensor`` of everything received."""
+    scheme.record(r, late)
+    job = scheme.decodable_job(r)
+    if job is None:
+        return None
+    grad = combine(scheme.decode(job), results)
+    for key in [key for key in results if key[0] <= job]:
+        del results[key]
+    return grad
+
+
 def simulate_coded(
     scheme: CodingScheme,
     partial_gradient: Callable[[int, int], Tensor],
@@ -768,12 +785,9 @@ def simulate_coded(
             for m, task in enumerate(tasks[i]):
                 if task is not None:
                     results[(r, i, m)] = task.compute(partial_gradient)
-        scheme.record(r, late)
         effective.append(late)
-        job = scheme.decodable_job(r)
-        if job is not None:
-            grads.append(combine(scheme.decode(job), results))
-            for key in [key for key in results if key[0] <= job]:
-                del results[key]  # later jobs only read rounds > job
+        grad = close_round(scheme, r, late, results)
+        if grad is not None:
+            grads.append(grad)
     dur = torch.stack(durations) if durations else None
     return CodedRun(grads, torch.stack(effective), waited, dur)

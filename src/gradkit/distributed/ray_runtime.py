@@ -60,7 +60,7 @@ from gradkit.distributed.coding import (
     GradientCode,
     Task,
     UndecodableError,
-    combine,
+    close_round,
 )
 from gradkit.distributed.simulator import round_matrix, unflatten_into_grads, worker_gradient
 from gradkit.errors import require_extra
@@ -564,13 +564,10 @@ def run_coded(
                 for m, out in enumerate(outs):
                     if out is not None:
                         results[(r, i, m)] = out
-            scheme.record(r, late)
             effective.append(late)
-            job = scheme.decodable_job(r)
-            if job is not None:
-                grads.append(combine(scheme.decode(job), results))
-                for key in [key for key in results if key[0] <= job]:
-                    del results[key]
+            grad = close_round(scheme, r, late, results)
+            if grad is not None:
+                grads.append(grad)
         return CodedRun(grads, torch.stack(effective), waited,
                         torch.tensor(durations, dtype=torch.float64))
     finally:
