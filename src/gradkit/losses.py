@@ -13,7 +13,7 @@ StableMax is NOT shift invariant: never subtract the max logit first.
 
 Paper: "Grokking at the Edge of Numerical Stability" (arXiv 2501.04697). Reference code
 matched: ``LucasPrietoAl/grokking-at-the-edge-of-numerical-stability`` ``utils.py`` (``s``,
-``log_stablemax``, ``stablemax_cross_entropy``, HEAD 0cc9e8d), ``shared/specs/methods.md`` §10.
+``log_stablemax``, ``stablemax_cross_entropy``, HEAD 0cc9e8d).
 
 Choices:
 
