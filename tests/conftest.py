@@ -14,3 +14,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny models run several times faster, and immune to
+    oversubscription when the machine is busy, even in a serial run)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

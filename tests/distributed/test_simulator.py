@@ -20,14 +20,7 @@ from gradkit.distributed.simulator import (
     worker_gradient,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny models: one intra-op thread is several times faster on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def _toy(n_workers=5, per_worker=12, seed=0):

@@ -17,13 +17,7 @@ from gradkit.federated.partition import partition, quantity_skew_partition
 from gradkit.federated.simulator import FederatedSimulator
 from gradkit.optim import AdaGradNorm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 def _toy(n_clients=6, per_client=10, seed=0, dtype=torch.float64):

@@ -1,13 +1,8 @@
-"""The instrument tests use tiny models: one intra-op thread is faster (and immune to
-oversubscription when the machine is busy) even in a serial run."""
+"""The instrument tests use tiny models: each runs with one intra-op thread."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """Every test here uses the shared ``one_thread`` fixture (tests/conftest.py)."""
